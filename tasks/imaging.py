@@ -1,0 +1,164 @@
+"""Decoding, the mode-normalisation rule, condition features and perceptual hashes.
+
+The normalisation rule (applied identically at ingest, for features and hashes, and at shard time):
+- ``1``, ``L``                -> L (1 channel)
+- ``I;16*``, ``I``            -> L by scaling the full 16-bit range to 0..255 (16-bit PNG/TIFF)
+- ``LA``, ``PA``, ``RGBA``, ``P`` with transparency -> composited over the background colour
+  (``ingest.alpha: reject`` rejects them instead)
+- ``P`` (palette), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGB`` -> RGB (3 channels)
+- anything else (e.g. ``F`` float images) is rejected with reason ``unsupported_mode``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
+GRAY_MODES = {"1", "L"}
+HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+COLOR_MODES = {"P", "CMYK", "YCbCr", "LAB", "HSV", "RGB", "RGBX"}
+
+
+class ImageRejected(Exception):
+    """An item that cannot be used; ``reason`` is a stable code, ``detail`` says what was seen."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Decoded:
+    format: str
+    mode: str
+    width: int
+    height: int
+    pixels: np.ndarray  # normalised uint8, HxW (L) or HxWx3 (RGB)
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.pixels.ndim == 2 else 3
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+
+
+def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = None,
+           alpha: str = "composite", background=(255, 255, 255), min_side: int = 1) -> Decoded:
+    """Fully decode ``data`` and normalise it by the module rule, or raise ``ImageRejected``."""
+    if len(data) == 0:
+        raise ImageRejected("empty_file", "zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageRejected("not_an_image", f"{len(data)} bytes that no image decoder recognises") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected("decompression_bomb", str(exc)) from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageRejected("decompression_bomb", f"{w}x{h} = {w * h} pixels > ingest.max_pixels={max_pixels}")
+        if allowed_formats is not None and img.format not in allowed_formats:
+            raise ImageRejected("format_not_allowed", f"{img.format} not in ingest.allowed_formats")
+        if min(w, h) < min_side:
+            raise ImageRejected("too_small", f"{w}x{h} smaller than ingest.min_side={min_side}")
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageRejected("corrupt_image", f"{img.format} {w}x{h}: {exc}") from None
+    fmt, mode = img.format or "unknown", img.mode
+    if has_alpha(img) and alpha == "reject":
+        raise ImageRejected("alpha_not_allowed", f"mode {mode} has transparency and ingest.alpha=reject")
+    return Decoded(fmt, mode, w, h, normalise(img, background))
+
+
+def normalise(img: Image.Image, background=(255, 255, 255)) -> np.ndarray:
+    mode = img.mode
+    if mode in GRAY_MODES:
+        return np.asarray(img.convert("L"))
+    if mode in HIGH_BIT_MODES:
+        a = np.asarray(img).astype(np.int64)
+        if mode == "I" and a.max(initial=0) <= 255 and a.min(initial=0) >= 0:
+            return a.astype(np.uint8)
+        return np.clip(a >> 8, 0, 255).astype(np.uint8)
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (*background, 255))
+        comp = Image.alpha_composite(bg, rgba)
+        if mode in ("LA", "La"):
+            return np.asarray(comp.convert("L"))
+        return np.asarray(comp.convert("RGB"))
+    if mode in COLOR_MODES:
+        return np.asarray(img.convert("RGB"))
+    raise ImageRejected("unsupported_mode", f"mode {mode} has no keel normalisation rule")
+
+
+def to_gray(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 2:
+        return pixels
+    # ITU-R 601-2 luma, as PIL's convert("L")
+    return (pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114).astype(np.uint8)
+
+
+def features(pixels: np.ndarray) -> tuple[float, float, str, int]:
+    """(brightness, contrast, pixel_sha, phash) of normalised pixels."""
+    gray = to_gray(pixels)
+    brightness = float(gray.mean())
+    contrast = float(gray.std())
+    pixel_sha = hashlib.sha256(f"{pixels.shape}".encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+    return brightness, contrast, pixel_sha, phash(gray)
+
+
+_DCT = None
+
+
+def _dct_matrix(n: int = 32) -> np.ndarray:
+    global _DCT
+    if _DCT is None:
+        k = np.arange(n)[:, None]
+        i = np.arange(n)[None, :]
+        m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+        m[0] /= np.sqrt(2.0)
+        _DCT = m
+    return _DCT
+
+
+def phash(gray: np.ndarray) -> int:
+    """64-bit DCT perceptual hash (the pHash construction: 32x32 -> DCT -> 8x8 low band vs its median)."""
+    small = np.asarray(Image.fromarray(gray).resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    d = _dct_matrix()
+    coeffs = d @ small @ d.T
+    low = coeffs[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def resize_square(pixels: np.ndarray, size: int, how: str = "center_crop") -> np.ndarray:
+    """Resize normalised pixels to size x size: center_crop keeps aspect (shorter side to size, then crop)."""
+    img = Image.fromarray(pixels)
+    w, h = img.size
+    if how == "center_crop" and w != h:
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif (w, h) != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    if channels == 1:
+        return to_gray(pixels)[..., None]
+    if pixels.ndim == 2:
+        return np.repeat(pixels[..., None], 3, axis=2)
+    return pixels
