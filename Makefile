@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make run` and `make test`. Both create the venv on first use.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# exact versions from the lock; torch and torchvision in the same command so nothing swaps torch later
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/pip check
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check tasks flows tests bench
+
+bench: install
+	$(BIN)/python bench/data_stages.py
+
+clean:
+	rm -rf data reports

@@ -1,0 +1,73 @@
+"""The `keel` command: one subcommand per stage, each reading only its own section of params.yaml.
+
+Errors that a user can fix (bad params, a missing input, a failed data gate) print one readable message and
+exit non-zero without a traceback; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tasks.config import DEFAULT_PARAMS, ConfigError, load_params
+
+STAGES = {
+    "ingest": "Read the source named by ingest.source (builtin:digits, an image folder, a CSV/parquet manifest or "
+              "s3://bucket/prefix) into the raw items table; unreadable items go to the rejects table with a "
+              "reason; writes the data audit (counts, distributions, duplicates, a labelled contact sheet).",
+    "split": "Freeze the train/val/test assignment on the raw items: stable per item/group, exact and near "
+             "duplicates kept in one split, source-provided test split honoured; writes the manifest (+ sha256) "
+             "and the leakage report, and fails if anything leaks across splits.",
+    "validate": "Gate the data with Great Expectations (schema, nulls, class set, sizes, duplicate ids, every "
+                "class in every split, balance, label distribution); writes results and Data Docs and fails "
+                "with a list of what failed, per split, with sample ids.",
+    "shard": "Decode, normalise and resize each split to the training resolution into parquet shards with an "
+             "index (rows, bytes, sha256 per shard, classes, train-only mean/std).",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keel", description="keel: a disciplined training pipeline for image "
+                                "classifiers. Each subcommand runs one stage of dvc.yaml.")
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, text in STAGES.items():
+        sp = sub.add_parser(name, help=text.split(";")[0], description=text)
+        sp.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+        if name == "split":
+            sp.add_argument("--refreeze", action="store_true",
+                            help="deliberately re-split, discarding the frozen assignment (voids earlier test results)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from tasks.io import DataError
+    from tasks.sources import SourceError
+    from tasks.split import FrozenSplitError, LeakageError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, SourceError, LeakageError,
+                                                    FrozenSplitError)
+    try:
+        params = load_params(args.params)
+        if args.stage == "ingest":
+            from tasks import ingest
+            ingest.run(params.ingest, params.paths)
+        elif args.stage == "split":
+            from tasks import split
+            split.run(params.split, params.paths, refreeze=args.refreeze)
+        elif args.stage == "validate":
+            from tasks import validate
+            try:
+                validate.run(params.validate_, params.paths)
+            except validate.ValidationFailed as exc:
+                raise DataError(str(exc)) from None
+        elif args.stage == "shard":
+            from tasks import shard
+            shard.run(params.shard, params.paths)
+    except user_errors as exc:
+        print(f"keel {args.stage}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

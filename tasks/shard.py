@@ -1,0 +1,175 @@
+"""shard: decode, normalise and resize each split into streaming-friendly parquet shards plus an index.
+
+Reads the raw items once (streaming), keeps the manifest's train/val/test rows (``excluded`` rows are not
+sharded), and writes ``<split>/shard-NNNNN.parquet`` with uint8 HWC images at the training resolution.  The
+normalisation mean/std are fitted on train only.  The whole shard directory is built under a temporary name and
+swapped into place, so a killed run never leaves a directory that looks finished.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks import io
+from tasks.config import Paths, ShardConfig
+from tasks.imaging import normalise, resize_square, to_channels
+from tasks.parallel import bounded_map
+
+_W: dict = {}
+
+
+def _init(cfg: dict) -> None:
+    _W.clear()
+    _W.update(cfg)
+    Image.MAX_IMAGE_PIXELS = None  # ingest already applied the bomb guard to these exact bytes
+
+
+def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.ndarray]:
+    import io as _io
+
+    ids, blobs = batch
+    out = np.empty((len(ids), _W["size"], _W["size"], _W["channels"]), np.uint8)
+    for k, data in enumerate(blobs):
+        img = Image.open(_io.BytesIO(data))
+        img.load()
+        px = normalise(img, tuple(_W["background"]))
+        out[k] = to_channels(resize_square(px, _W["size"], _W["resize"]), _W["channels"])
+    return ids, out
+
+
+def image_type(cfg: ShardConfig) -> pa.DataType:
+    return pa.binary(cfg.size * cfg.size * cfg.channels)
+
+
+def shard_schema(cfg: ShardConfig) -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("label", pa.int16()), ("image", image_type(cfg))])
+
+
+@dataclass
+class ShardResult:
+    rows: dict[str, int]
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    seconds: float
+
+
+class _SplitWriter:
+    def __init__(self, root: Path, split: str, cfg: ShardConfig):
+        self.dir = root / split
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split, self.cfg, self.schema = split, cfg, shard_schema(cfg)
+        self.files: list[io.ShardFile] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.rows_in_file = 0
+        self.buf: list[pa.RecordBatch] = []
+        self.buf_rows = 0
+
+    def add(self, ids: list[str], labels: np.ndarray, images: np.ndarray) -> None:
+        flat = pa.FixedSizeBinaryArray.from_buffers(image_type(self.cfg), len(ids),
+                                                    [None, pa.py_buffer(np.ascontiguousarray(images).tobytes())])
+        self.buf.append(pa.record_batch([pa.array(ids, pa.string()), pa.array(labels, pa.int16()), flat],
+                                        schema=self.schema))
+        self.buf_rows += len(ids)
+        while self.buf_rows >= self.cfg.row_group_rows:
+            self._write(self.cfg.row_group_rows)
+
+    def _write(self, n: int) -> None:
+        table = pa.Table.from_batches(self.buf, schema=self.schema)
+        head, rest = table.slice(0, n), table.slice(n)
+        if self.writer is None:
+            name = f"{self.split}/shard-{len(self.files):05d}.parquet"
+            self.writer = pq.ParquetWriter(self.dir.parent / name, self.schema, compression="zstd")
+            self.current = name
+        self.writer.write_table(head, row_group_size=self.cfg.row_group_rows)
+        self.rows_in_file += len(head)
+        self.buf = rest.to_batches()
+        self.buf_rows = len(rest)
+        if self.rows_in_file >= self.cfg.shard_rows:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        path = self.dir.parent / self.current
+        self.files.append(io.ShardFile(self.current, self.rows_in_file, path.stat().st_size, io.sha256_file(path)))
+        self.writer, self.rows_in_file = None, 0
+
+    def close(self) -> list[io.ShardFile]:
+        if self.buf_rows:
+            self._write(self.buf_rows)
+        self._close_file()
+        return self.files
+
+
+def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
+    t0 = time.monotonic()
+    manifest, _ = io.read_manifest(paths.split_manifest)
+    manifest_sha = io.sha256_file(paths.split_manifest)
+    split_of = {i: s for i, s in zip(manifest.column("id").to_pylist(), manifest.column("split").to_pylist())
+                if s in io.SPLITS}
+    classes = sorted({lab for lab, s in zip(manifest.column("label").to_pylist(), manifest.column("split").to_pylist())
+                      if s in io.SPLITS})
+    class_index = {c: k for k, c in enumerate(classes)}
+    label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
+    total = len(split_of)
+
+    def batches():
+        for rb in io.iter_raw_batches(paths.raw_items, columns=["id", "image"], batch_rows=256):
+            ids = rb.column("id").to_pylist()
+            keep = [k for k, i in enumerate(ids) if i in split_of]
+            if keep:
+                blobs = rb.column("image").take(pa.array(keep)).to_pylist()
+                yield [ids[k] for k in keep], blobs
+
+    csum = np.zeros(cfg.channels, np.float64)
+    csq = np.zeros(cfg.channels, np.float64)
+    npx = 0
+    done, last = 0, 0.0
+    worker_cfg = {"size": cfg.size, "channels": cfg.channels, "resize": cfg.resize,
+                  "background": list(cfg.alpha_background)}
+    with io.atomic_dir(paths.shards_dir) as tmp:
+        writers = {s: _SplitWriter(tmp, s, cfg) for s in io.SPLITS}
+        seen_in_raw = 0
+        for ids, images in bounded_map(_decode_batch, batches(), cfg.workers, initializer=_init,
+                                       initargs=(worker_cfg,)):
+            seen_in_raw += len(ids)
+            splits = np.array([split_of[i] for i in ids], dtype=object)
+            labels = np.array([class_index[label_of[i]] for i in ids], np.int16)
+            for s in io.SPLITS:
+                m = splits == s
+                if m.any():
+                    sel = np.nonzero(m)[0]
+                    writers[s].add([ids[k] for k in sel], labels[sel], images[sel])
+                    if s == "train":
+                        x = images[sel].reshape(-1, cfg.channels).astype(np.float64) / 255.0
+                        csum += x.sum(0)
+                        csq += (x * x).sum(0)
+                        npx += x.shape[0]
+            done += len(ids)
+            now = time.monotonic()
+            if now - last > 2.0:
+                last = now
+                print(f"shard: {done}/{total} items ({done / max(now - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
+        if seen_in_raw != total:
+            raise io.DataError(f"{paths.split_manifest}: {total - seen_in_raw} manifest id(s) are not in the raw items "
+                               f"at {paths.raw_items}; the manifest and raw items are out of step: re-run split")
+        files = {s: w.close() for s, w in writers.items()}
+        if npx == 0:
+            raise io.DataError("shard: the train split is empty; nothing to fit normalisation statistics on")
+        mean = csum / npx
+        std = np.sqrt(np.maximum(csq / npx - mean**2, 0.0))
+        index = io.ShardIndex(classes=classes, size=cfg.size, channels=cfg.channels, mean=mean.round(6).tolist(),
+                              std=std.round(6).tolist(), manifest_sha256=manifest_sha, splits=files)
+        io.write_json(tmp / "index.json", index.to_json())
+    rows = {s: sum(f.rows for f in v) for s, v in files.items()}
+    print(f"shard: {rows} at {cfg.size}x{cfg.size}x{cfg.channels}; train mean {index.mean} std {index.std}")
+    return ShardResult(rows, classes, index.mean, index.std, time.monotonic() - t0)
