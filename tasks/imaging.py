@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = 
             raise ImageRejected("not_an_image", f"{len(data)} bytes that no image decoder recognises") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageRejected("decompression_bomb", str(exc)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+            raise ImageRejected("corrupt_image", f"header unreadable: {type(exc).__name__}: {exc}") from None
         w, h = img.size
         if w * h > max_pixels:
             raise ImageRejected("decompression_bomb", f"{w}x{h} = {w * h} pixels > ingest.max_pixels={max_pixels}")
@@ -72,7 +75,9 @@ def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = 
             raise ImageRejected("too_small", f"{w}x{h} smaller than ingest.min_side={min_side}")
         try:
             img.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected("decompression_bomb", str(exc)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise ImageRejected("corrupt_image", f"{img.format} {w}x{h}: {exc}") from None
     fmt, mode = img.format or "unknown", img.mode
     if has_alpha(img) and alpha == "reject":

@@ -82,10 +82,13 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
             continue
         try:
             d = decode(data, **_WORKER["decode_kwargs"])
+            brightness, contrast, pixel_sha, ph = features(d.pixels)
         except ImageRejected as r:
             out.append((None, (r.reason, r.detail)))
             continue
-        brightness, contrast, pixel_sha, ph = features(d.pixels)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not lose the other items
+            out.append((None, ("corrupt_image", f"decoder raised {type(exc).__name__}: {exc}")))
+            continue
         out.append(({
             "id": hashlib.sha256(data).hexdigest(), "image": data, "label": c.label, "source_uri": c.uri,
             "group": c.group, "source_split": c.source_split, "format": d.format, "width": d.width,

@@ -62,7 +62,7 @@ def _digits() -> list[Candidate]:
         # load_digits stores 0..16 intensities; keep them as an 8-bit grayscale PNG, the "original bytes".
         arr = np.round(img * (255.0 / 16.0)).astype(np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(arr, mode="L").save(buf, format="PNG")
+        Image.fromarray(arr).save(buf, format="PNG")
         out.append(Candidate(uri=f"builtin:digits/{i:04d}", label=str(int(target)), data=buf.getvalue()))
     return out
 
