@@ -84,7 +84,8 @@ class ValidateConfig(_Section):
 
 
 class ShardConfig(_Section):
-    size: int = Field(32, ge=4, description="training resolution (square)")
+    # not "size": DVC drops keys named size/nfiles from its run-cache key, so a change would be missed
+    resolution: int = Field(32, ge=4, description="training resolution (square, pixels)")
     channels: Literal[1, 3] = 3
     resize: Literal["squash", "center_crop"] = "center_crop"
     row_group_rows: int = Field(1024, ge=1)

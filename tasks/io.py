@@ -29,9 +29,9 @@ Split manifest  (``paths.split_manifest``: one parquet file, its sha256 in ``<ma
 
 Shards  (``paths.shards_dir``; written by ``shard``)
     ``<split>/shard-NNNNN.parquet`` with columns id string, label int16 (index into ``classes``),
-    image fixed_size_binary(size*size*channels) (uint8, HWC, row-major); row groups of ``shard.row_group_rows``.
+    image fixed_size_binary(resolution*resolution*channels) (uint8, HWC, row-major); row groups of ``shard.row_group_rows``.
     ``index.json``: see ``ShardIndex``; per shard ``file``, ``rows``, ``bytes``, ``sha256``; ``classes``;
-    ``mean``/``std`` per channel on the 0..1 scale, fitted on train only; ``size``, ``channels``,
+    ``mean``/``std`` per channel on the 0..1 scale, fitted on train only; ``resolution``, ``channels``,
     ``manifest_sha256``.  Read shards only through ``ShardReader``: it verifies checksums and refuses the test
     split unless the caller is the evaluate stage.
 """
@@ -237,7 +237,7 @@ class ShardFile:
 @dataclass
 class ShardIndex:
     classes: list[str]
-    size: int
+    resolution: int
     channels: int
     mean: list[float]
     std: list[float]
@@ -308,7 +308,7 @@ class ShardReader:
         return sum(s.rows for s in self.files)
 
     def iter_batches(self, batch_rows: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        hwc = (self.index.size, self.index.size, self.index.channels)
+        hwc = (self.index.resolution, self.index.resolution, self.index.channels)
         for s in self.files:
             path = self.dir / s.file
             try:
@@ -323,7 +323,7 @@ class ShardReader:
         xs, ys, ids = [], [], []
         for x, y, i in self.iter_batches(batch_rows=8192):
             xs.append(x), ys.append(y), ids.extend(i)
-        hwc = (self.index.size, self.index.size, self.index.channels)
+        hwc = (self.index.resolution, self.index.resolution, self.index.channels)
         if not xs:
             return np.zeros((0, *hwc), np.uint8), np.zeros(0, np.int64), []
         return np.concatenate(xs), np.concatenate(ys), ids

@@ -35,17 +35,17 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
     import io as _io
 
     ids, blobs = batch
-    out = np.empty((len(ids), _W["size"], _W["size"], _W["channels"]), np.uint8)
+    out = np.empty((len(ids), _W["resolution"], _W["resolution"], _W["channels"]), np.uint8)
     for k, data in enumerate(blobs):
         img = Image.open(_io.BytesIO(data))
         img.load()
         px = normalise(img, tuple(_W["background"]))
-        out[k] = to_channels(resize_square(px, _W["size"], _W["resize"]), _W["channels"])
+        out[k] = to_channels(resize_square(px, _W["resolution"], _W["resize"]), _W["channels"])
     return ids, out
 
 
 def image_type(cfg: ShardConfig) -> pa.DataType:
-    return pa.binary(cfg.size * cfg.size * cfg.channels)
+    return pa.binary(cfg.resolution * cfg.resolution * cfg.channels)
 
 
 def shard_schema(cfg: ShardConfig) -> pa.Schema:
@@ -134,7 +134,7 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
     csq = np.zeros(cfg.channels, np.float64)
     npx = 0
     done, last = 0, 0.0
-    worker_cfg = {"size": cfg.size, "channels": cfg.channels, "resize": cfg.resize,
+    worker_cfg = {"resolution": cfg.resolution, "channels": cfg.channels, "resize": cfg.resize,
                   "background": list(cfg.alpha_background)}
     with io.atomic_dir(paths.shards_dir) as tmp:
         writers = {s: _SplitWriter(tmp, s, cfg) for s in io.SPLITS}
@@ -167,9 +167,9 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
             raise io.DataError("shard: the train split is empty; nothing to fit normalisation statistics on")
         mean = csum / npx
         std = np.sqrt(np.maximum(csq / npx - mean**2, 0.0))
-        index = io.ShardIndex(classes=classes, size=cfg.size, channels=cfg.channels, mean=mean.round(6).tolist(),
+        index = io.ShardIndex(classes=classes, resolution=cfg.resolution, channels=cfg.channels, mean=mean.round(6).tolist(),
                               std=std.round(6).tolist(), manifest_sha256=manifest_sha, splits=files)
         io.write_json(tmp / "index.json", index.to_json())
     rows = {s: sum(f.rows for f in v) for s, v in files.items()}
-    print(f"shard: {rows} at {cfg.size}x{cfg.size}x{cfg.channels}; train mean {index.mean} std {index.std}")
+    print(f"shard: {rows} at {cfg.resolution}x{cfg.resolution}x{cfg.channels}; train mean {index.mean} std {index.std}")
     return ShardResult(rows, classes, index.mean, index.std, time.monotonic() - t0)

@@ -226,10 +226,10 @@ def _batches(frame: pd.DataFrame, classes: list[str], stats: dict[str, _SplitSta
     # value would otherwise drop the item silently from every per-split batch.
     assigned = frame[["id", "split"]].drop_duplicates().reset_index(drop=True)
     batches.append(_Batch(_ALL, assigned, "id", [
-        gxe.ExpectColumnValuesToNotBeNull(column="split", description=_hint("not_null", "split", cfg)),
+        gxe.ExpectColumnValuesToNotBeNull(column="split", notes=_hint("not_null", "split", cfg)),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS),
-                                        description=_hint("split_in_set", "split", cfg)),
-        gxe.ExpectColumnValuesToBeUnique(column="id", description=_hint("cross_split_unique", "id", cfg)),
+                                        notes=_hint("split_in_set", "split", cfg)),
+        gxe.ExpectColumnValuesToBeUnique(column="id", notes=_hint("cross_split_unique", "id", cfg)),
     ], split=_ALL))
 
     # GX has no expectation for a class-count ratio or a distance between two label distributions, so they
@@ -244,40 +244,40 @@ def _batches(frame: pd.DataFrame, classes: list[str], stats: dict[str, _SplitSta
     })
     batches.append(_Batch(_STATS, derived, "split", [
         gxe.ExpectColumnValuesToBeBetween(column="imbalance_ratio", max_value=cfg.max_imbalance_ratio,
-                                          description=_hint("imbalance", "imbalance_ratio", cfg)),
+                                          notes=_hint("imbalance", "imbalance_ratio", cfg)),
         gxe.ExpectColumnValuesToBeBetween(column="label_tv_distance",
                                           max_value=cfg.max_label_distribution_distance,
-                                          description=_hint("tv", "label_tv_distance", cfg)),
+                                          notes=_hint("tv", "label_tv_distance", cfg)),
     ]))
     return batches
 
 
 def _split_expectations(gxe: Any, split: str, classes: list[str], cfg: ValidateConfig) -> list[Any]:
-    exps: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=1, description=_hint("rows", None, cfg))]
+    exps: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=1, notes=_hint("rows", None, cfg))]
     for column, type_ in _EXPECTED_TYPES.items():
-        exps.append(gxe.ExpectColumnToExist(column=column, description=_hint("exists", column, cfg)))
+        exps.append(gxe.ExpectColumnToExist(column=column, notes=_hint("exists", column, cfg)))
         exps.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_=type_,
-                                                     description=_hint("type", column, cfg)))
-    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c, description=_hint("not_null", c, cfg)) for c in _NOT_NULL]
-    exps.append(gxe.ExpectColumnValuesToBeUnique(column="id", description=_hint("unique", "id", cfg)))
+                                                     notes=_hint("type", column, cfg)))
+    exps += [gxe.ExpectColumnValuesToNotBeNull(column=c, notes=_hint("not_null", c, cfg)) for c in _NOT_NULL]
+    exps.append(gxe.ExpectColumnValuesToBeUnique(column="id", notes=_hint("unique", "id", cfg)))
     exps.append(gxe.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.min_width, max_value=cfg.max_width,
-                                                  description=_hint("size", "width", cfg)))
+                                                  notes=_hint("size", "width", cfg)))
     exps.append(gxe.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_height,
-                                                  max_value=cfg.max_height, description=_hint("size", "height", cfg)))
+                                                  max_value=cfg.max_height, notes=_hint("size", "height", cfg)))
     # The manifest copies each item's label from raw items; a difference means a stale manifest.
     exps.append(gxe.ExpectColumnPairValuesToBeEqual(column_A="label", column_B="raw_label",
                                                     ignore_row_if="either_value_is_missing",
-                                                    description=_hint("label_agrees", "label", cfg)))
+                                                    notes=_hint("label_agrees", "label", cfg)))
     if classes:    # empty only when train is empty and no classes are declared: the row count reports that
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=classes,
-                                                    description=_hint("in_set", "label", cfg)))
+                                                    notes=_hint("in_set", "label", cfg)))
         exps.append(gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=classes,
-                                                               description=_hint("contains", "label", cfg)))
+                                                               notes=_hint("contains", "label", cfg)))
     return exps
 
 
 def _hint(check: str, column: str | None, cfg: ValidateConfig) -> str:
-    """What the check guarantees and what to do when it fails (shown in messages and in Data Docs)."""
+    """What the check guarantees and what to do when it fails (in messages, reports and Data Docs notes)."""
     if check == "not_null" and column in ("width", "height"):
         return ("every item has a size: a null means the manifest names an id that is not in raw items "
                 "(stale manifest: re-run `keel split`) or ingest stored no size (re-run `keel ingest`)")
@@ -377,7 +377,7 @@ def _failures(batch: _Batch, validation_result: Any, sample_ids: int) -> list[_F
         config = er.expectation_config
         kwargs = config.kwargs
         column = kwargs.get("column") or ",".join(kwargs[k] for k in ("column_A", "column_B") if k in kwargs) or None
-        hint = getattr(config, "description", None) or ""
+        hint = _note_text(config.notes)
         res = er.result or {}
         index_list = res.get("partial_unexpected_index_list") or []
 
@@ -393,7 +393,8 @@ def _failures(batch: _Batch, validation_result: Any, sample_ids: int) -> list[_F
                     hint=hint))
             continue
 
-        ids = [_id_text(entry.get("id")) for entry in index_list][:sample_ids]
+        # A duplicated id is unexpected once per copy; show each id once.
+        ids = list(dict.fromkeys(_id_text(entry.get("id")) for entry in index_list))[:sample_ids]
         failures.append(_Failure(
             split=batch.split, expectation=config.type, column=column,
             unexpected_count=res.get("unexpected_count"), sample_ids=ids,
@@ -464,10 +465,10 @@ def _summary_md(result: ValidateResult) -> str:
     status = "PASSED" if result.success else f"FAILED ({len(result.failures)} expectation(s))"
     lines = [
         f"# keel validate: {status}", "",
-        f"{result.expectations} expectations evaluated. Classes ({result.classes_source}): "
-        f"{', '.join(result.classes) or '(none)'}.",
-        f"Excluded by split (not validated): {result.excluded}. Raw items without a manifest entry: "
-        f"{result.not_in_manifest}.", "",
+        (f"{result.expectations} expectations evaluated. Classes ({result.classes_source}): "
+         f"{', '.join(result.classes) or '(none)'}."),
+        (f"Excluded by split (not validated): {result.excluded}. Raw items without a manifest entry: "
+         f"{result.not_in_manifest}."), "",
         "| split | rows | classes present | imbalance (largest/smallest) | label TV distance from train |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -487,6 +488,13 @@ def _summary_md(result: ValidateResult) -> str:
 
 
 # ---------------------------------------------------------------- small helpers
+def _note_text(notes: str | list[str] | None) -> str:
+    # The hint travels as the expectation's notes (Data Docs show them beside GX's own wording of the check).
+    if isinstance(notes, list):
+        return " ".join(notes)
+    return notes or ""
+
+
 def _short(id_: str) -> str:
     return id_ if len(id_) <= _SHORT_ID + 1 else id_[:_SHORT_ID] + "…"
 

@@ -217,10 +217,9 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, key: str, secret: str, ti
             return False
         if _healthz(endpoint):
             client = client or _client(endpoint, key, secret)
-            try:
+            # not ready yet while identities load or the filer is not yet connected
+            with contextlib.suppress(Exception):
                 client.list_buckets()
                 return True
-            except Exception:  # noqa: BLE001 - not ready yet (identities still loading, filer not connected)
-                pass
         time.sleep(0.1)
     return False

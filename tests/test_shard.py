@@ -16,7 +16,7 @@ def test_index_matches_manifest_and_files(digits_pipeline):
     p, _, spl, sh = digits_pipeline
     index = io.ShardIndex.load(p.shards_dir)
     assert index.classes == [str(i) for i in range(10)]
-    assert index.size == 32 and index.channels == 3
+    assert index.resolution == 32 and index.channels == 3
     assert index.manifest_sha256 == spl.manifest_sha256
     for s in io.SPLITS:
         assert index.rows(s) == spl.counts[s] == sh.rows[s]
@@ -121,7 +121,7 @@ def test_one_channel_shards(digits_pipeline, tmp_path):
 
     p, *_ = digits_pipeline
     q = p.model_copy(update={"shards_dir": str(tmp_path / "s1")})
-    r = shard.run(ShardConfig(size=16, channels=1, workers=2), q)
+    r = shard.run(ShardConfig(resolution=16, channels=1, workers=2), q)
     index = json.loads((tmp_path / "s1" / "index.json").read_text())
     assert index["channels"] == 1 and len(index["mean"]) == 1 and r.rows["train"] > 0
     x, _, _ = io.ShardReader(q.shards_dir, "train").read_all()

@@ -1,0 +1,90 @@
+"""The pipeline slice as a user runs it: `dvc repro` in a fresh copy of the repo, a no-op repro, a params change."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def sh(cmd, cwd, check=True):
+    r = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, shell=isinstance(cmd, str))
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A copy of the repo's tracked (and not-ignored new) files, as a fresh clone would have them."""
+    dest = tmp_path_factory.mktemp("clone") / "keel"
+    files = sh(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.split("\n")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    sh("git init -q && git add -A && git commit -qm init", dest)
+    return dest
+
+
+def ran(out: str) -> set[str]:
+    return {s for s in ("ingest", "split", "validate", "shard") if f"Running stage '{s}'" in out}
+
+
+@pytest.mark.slow
+def test_dvc_repro_fresh_then_noop_then_params_change(clone):
+    r = sh(["dvc", "repro"], clone)
+    assert ran(r.stdout) == {"ingest", "split", "validate", "shard"}, r.stdout + r.stderr
+    assert "found 1797 = ingested 1797 + rejected 0" in r.stdout
+    index = json.loads((clone / "data/shards/index.json").read_text())
+    assert index["resolution"] == 32 and sum(f["rows"] for f in index["splits"]["train"]) > 1000
+    for f in ("reports/audit/audit.json", "reports/audit/contact_sheet.png", "reports/leakage.json",
+              "reports/validate/summary.json", "data/split/manifest.parquet.sha256", "dvc.lock"):
+        assert (clone / f).exists(), f
+    manifest_sha = (clone / "data/split/manifest.parquet.sha256").read_text()
+
+    r = sh(["dvc", "repro"], clone)
+    assert ran(r.stdout) == set(), r.stdout
+    assert r.stdout.count("didn't change, skipping") == 4, r.stdout
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["shard"]["resolution"] = 16
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = sh(["dvc", "repro"], clone)
+    assert ran(r.stdout) == {"shard"}, r.stdout
+    assert json.loads((clone / "data/shards/index.json").read_text())["resolution"] == 16
+    assert (clone / "data/split/manifest.parquet.sha256").read_text() == manifest_sha
+
+
+@pytest.mark.slow
+def test_cli_errors_are_readable(clone, tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("ingest:\n  sorce: builtin:digits\n")
+    r = sh(["keel", "ingest", "--params", str(bad)], clone, check=False)
+    assert r.returncode == 1
+    assert "ingest.sorce: unknown key" in r.stderr and "Traceback" not in r.stderr
+    ok = yaml.safe_load((clone / "params.yaml").read_text())
+    ok["split"]["seed"] = 99
+    p2 = tmp_path / "p2.yaml"
+    p2.write_text(yaml.safe_dump(ok))
+    r = sh(["keel", "split", "--params", str(p2)], clone, check=False)
+    assert r.returncode == 1 and "split is frozen" in r.stderr and "Traceback" not in r.stderr
+    r = sh(["keel", "--help"], clone)
+    assert all(s in r.stdout for s in ("ingest", "split", "validate", "shard"))
