@@ -190,8 +190,8 @@ def _markdown(r: dict) -> str:
     lines += ["", "## Duplicates", "",
               f"- byte-identical copies rejected: {d['byte_identical_rejected']}",
               f"- pixel-identical groups: {d['pixel_identical_groups']} ({d['pixel_identical_items']} items)",
-              f"- near-duplicate groups (pHash distance <= {d['near_dup_max_distance']}): "
-              f"{d['near_duplicate_groups']} ({d['near_duplicate_items']} items)",
+              (f"- near-duplicate groups (pHash distance <= {d['near_dup_max_distance']}): "
+              f"{d['near_duplicate_groups']} ({d['near_duplicate_items']} items)"),
               f"- near-duplicate pairs whose labels disagree: {r['label_conflicts_among_near_duplicates']}",
               "", "The split stage keeps every such group inside one split.", "",
               "![class counts](class_counts.png)", "![resolution](resolution.png)", "![brightness](brightness.png)",

@@ -59,7 +59,7 @@ class SplitConfig(_Section):
     freeze: bool = Field(True, description="keep every id already in the manifest in its split")
 
     @model_validator(mode="after")
-    def _fractions_sum_to_one(self) -> "SplitConfig":
+    def _fractions_sum_to_one(self) -> SplitConfig:
         missing = {"train", "val", "test"} - set(self.fractions)
         if missing:
             raise ValueError(f"fractions must give train, val and test; missing {sorted(missing)}")

@@ -70,7 +70,7 @@ def components(n: int, edges: np.ndarray) -> np.ndarray:
 def key_edges(keys: np.ndarray) -> np.ndarray:
     """Chain edges joining items that share a key (None/'' keys join nothing): O(n log n), not O(group^2)."""
     keys = np.asarray(keys, dtype=object)
-    valid = np.array([k is not None and k == k and k != "" for k in keys], dtype=bool)
+    valid = np.array([isinstance(k, str) and k != "" for k in keys], dtype=bool)
     idx = np.nonzero(valid)[0]
     if idx.size < 2:
         return np.zeros((0, 2), np.int64)

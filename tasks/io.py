@@ -254,7 +254,7 @@ class ShardIndex:
         return d
 
     @classmethod
-    def load(cls, shards_dir: str | Path) -> "ShardIndex":
+    def load(cls, shards_dir: str | Path) -> ShardIndex:
         path = Path(shards_dir) / "index.json"
         if not path.exists():
             raise DataError(f"{path}: shard index not found; run `keel shard` first")

@@ -129,7 +129,7 @@ def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate
             table = pacsv.read_csv(path, convert_options=opts)
         else:
             table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types; the message is what matters here
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise SourceError(f"{path}: cannot read manifest: {exc}") from None
     cols = set(table.column_names)
     loc_col = "path" if "path" in cols else "uri" if "uri" in cols else None

@@ -136,8 +136,8 @@ def assign(meta: pa.Table, cfg: SplitConfig, frozen: dict[str, str] | None = Non
                       "reason": reason.tolist()}, schema=io.MANIFEST_SCHEMA)
     report = {
         "units": int(comp.max() + 1) if n else 0,
-        "exact_duplicate_links": int(len(dup["exact_edges"])),
-        "near_duplicate_links": int(len(dup["near_edges"])),
+        "exact_duplicate_links": len(dup["exact_edges"]),
+        "near_duplicate_links": len(dup["near_edges"]),
         "source_split_honoured": bool(has_source_test and cfg.honour_source_split),
         "cross_split_policy": cfg.cross_split_duplicates,
         "cross_split_items": cross,

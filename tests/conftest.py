@@ -12,7 +12,7 @@ from PIL import Image
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from tasks.config import Paths  # noqa: E402
+from tasks.config import Paths
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None, **kw) -> bytes:

@@ -12,6 +12,7 @@ import pytest
 from tasks import io, shard
 from tasks.config import ShardConfig
 
+
 def test_index_matches_manifest_and_files(digits_pipeline):
     p, _, spl, sh = digits_pipeline
     index = io.ShardIndex.load(p.shards_dir)
@@ -30,7 +31,7 @@ def test_index_matches_manifest_and_files(digits_pipeline):
 def test_stats_are_fitted_on_train_only(digits_pipeline):
     p, *_ = digits_pipeline
     index = io.ShardIndex.load(p.shards_dir)
-    x, y, ids = io.ShardReader(p.shards_dir, "train").read_all()
+    x, _y, _ids = io.ShardReader(p.shards_dir, "train").read_all()
     assert x.shape == (index.rows("train"), 32, 32, 3) and x.dtype == np.uint8
     mean = (x / 255.0).reshape(-1, 3).mean(0)
     std = (x / 255.0).reshape(-1, 3).std(0)
