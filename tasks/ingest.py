@@ -78,7 +78,9 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
         try:
             data = _fetch(c)
         except Exception as exc:  # noqa: BLE001 - an unreadable item is a reject with the reason, never a crash
-            out.append((None, ("read_error", f"{type(exc).__name__}: {exc}")))
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") if c.s3 else None
+            reason = "missing_file" if code in ("NoSuchKey", "404") else "read_error"
+            out.append((None, (reason, f"{type(exc).__name__}: {exc}")))
             continue
         try:
             d = decode(data, **_WORKER["decode_kwargs"])

@@ -179,13 +179,23 @@ def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate
 
 
 # ---------------------------------------------------------------- S3
-def s3_client(endpoint: str | None):
-    import boto3
+def s3_client(endpoint: str | None, *, retries: int = 5, connect_timeout: float = 10):
+    """An S3 client from the current AWS_* variables / profile (``retries`` excludes the first attempt).
+
+    A fresh boto3 session each time: the process-wide default session keeps the first credentials it resolved,
+    so a corrected key (or a rotated secret) in the same process would otherwise go unnoticed.
+    """
+    import boto3.session
     from botocore.config import Config
 
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint,
-                        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10))
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(
+        retries={"max_attempts": retries, "mode": "standard"}, connect_timeout=connect_timeout))
+
+
+# Listing and the bucket check run before any work: a wrong endpoint should fail in seconds, not after
+# botocore's backoff over 5 retries (0-31 s of sleeps for a refused connection).
+_PREFLIGHT = {"retries": 2, "connect_timeout": 5}
 
 
 def explain_s3_error(exc: Exception, where: str, endpoint: str | None) -> SourceError:
@@ -209,7 +219,7 @@ def explain_s3_error(exc: Exception, where: str, endpoint: str | None) -> Source
 
 
 def _check_s3_access(buckets: set[str], endpoint: str | None, where: str) -> None:
-    client = s3_client(endpoint)
+    client = s3_client(endpoint, **_PREFLIGHT)
     for b in sorted(buckets):
         try:
             client.head_bucket(Bucket=b)
@@ -222,7 +232,7 @@ def _s3_folder(uri: str, endpoint: str | None) -> list[Candidate]:
     if not bucket:
         raise SourceError(f"ingest.source: {uri!r} has no bucket (expected s3://bucket/prefix)")
     prefix = prefix.strip("/")
-    client = s3_client(endpoint)
+    client = s3_client(endpoint, **_PREFLIGHT)
     keys: list[str] = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/" if prefix else ""):

@@ -285,8 +285,9 @@ def _hint(check: str, column: str | None, cfg: ValidateConfig) -> str:
         "rows": "every split has items: adjust split.fractions or add data, then re-run `keel split`",
         "exists": f"column {column!r} is part of the storage contract (tasks/io.py): re-run `keel ingest` "
                   "and `keel split` with this keel version",
-        "type": f"column {column!r} has the type of the storage contract (tasks/io.py): the writer broke the "
-                "contract; re-run `keel ingest` and `keel split` with this keel version",
+        "type": f"column {column!r} has type {_EXPECTED_TYPES.get(column or '')} (storage contract in "
+                "tasks/io.py): the writer broke the contract; re-run `keel ingest` and `keel split` with this "
+                "keel version",
         "not_null": f"no item has a null {column}: fix the source or the manifest, then re-run `keel split`",
         "unique": "each id appears once in a split: remove duplicated rows from raw items or the manifest "
                   "(re-run `keel ingest` and `keel split`)",
@@ -405,20 +406,29 @@ def _failures(batch: _Batch, validation_result: Any, sample_ids: int) -> list[_F
 def _observed(batch: _Batch, er: Any, ids: list[str]) -> str:
     """The offending values in words: unexpected values, missing classes, observed type or an exception."""
     res = er.result or {}
-    info = er.exception_info or {}
-    if info.get("raised_exception"):
-        return f"error: {info.get('exception_message')}"
+    errors = _exception_messages(er.exception_info)
+    if errors:
+        return "error: " + "; ".join(errors)
     if batch.name == _ALL and er.expectation_config.type == "expect_column_values_to_be_unique":
         where = batch.frame[batch.frame["id"].isin(ids)].groupby("id")["split"].agg(lambda s: sorted(s.dropna()))
         return "; ".join(f"{_short(i)} in {', '.join(where.get(i, []))}" for i in ids)
     if "partial_missing_list" in res:
         return "missing " + ", ".join(map(str, res["partial_missing_list"]))
-    counts = res.get("partial_unexpected_counts")
-    if counts and batch.split is not None and er.expectation_config.type != "expect_column_values_to_be_unique":
+    # Values are worth showing unless they are the ids themselves (uniqueness) or all null (not-null).
+    counts = [c for c in res.get("partial_unexpected_counts") or [] if c.get("value") is not None]
+    if counts and er.expectation_config.type != "expect_column_values_to_be_unique":
         return "values " + ", ".join(f"{_fmt(c['value'])} x{c['count']}" for c in counts[:5])
     if "observed_value" in res:
         return f"observed {_fmt(res['observed_value'])}"
     return ""
+
+
+def _exception_messages(info: dict | None) -> list[str]:
+    """GX keeps an expectation's errors either flat or keyed by metric id; collect the messages of both."""
+    if not info:
+        return []
+    entries = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    return list(dict.fromkeys(str(e.get("exception_message")) for e in entries if e.get("raised_exception")))
 
 
 def _stats_detail(split: str, stats: dict[str, _SplitStats], classes: list[str]) -> str:

@@ -187,8 +187,6 @@ def test_s3_wrong_credentials_are_named(aws_env, flat_tree, tmp_path, monkeypatc
     assert not (tmp_path / "raw" / "items").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="sources.s3_client uses boto3's default session, which caches the first "
-                   "credentials it resolved; new AWS_* values in the same process are ignored")
 def test_s3_credentials_changed_in_process_are_used(aws_env, flat_tree, tmp_path, monkeypatch):
     source = f"s3://{BUCKET}/prefix"
     assert len(sources.candidates(source, s3_endpoint=aws_env.endpoint)) == 12  # resolves the good key
@@ -265,7 +263,7 @@ def test_manifest_with_s3_uris(aws_env, flat_tree, tmp_path):
                    for uri, label, group in rows}
     (rej,) = _rejects(paths).to_pylist()
     assert rej["source_uri"] == missing
-    assert rej["reason"] == "read_error" and "NoSuchKey" in rej["detail"]
+    assert rej["reason"] == "missing_file" and "NoSuchKey" in rej["detail"]
 
 
 def test_manifest_with_s3_uris_wrong_credentials(aws_env, flat_tree, tmp_path, monkeypatch):

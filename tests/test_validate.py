@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import Paths, ValidateConfig
-from tasks.io import RAW_SCHEMA, write_manifest
+from tasks.io import RAW_SCHEMA, DataError, write_manifest
 from tasks.validate import ValidateResult, ValidationFailed, run
 
 CLASSES = ["cat", "dog", "frog"]
@@ -39,8 +39,12 @@ def _item(id_: str, label: str, split: str, width: int = 32, height: int = 32) -
     return {"id": id_, "label": label, "split": split, "width": width, "height": height}
 
 
-def _write(root: Path, items: list[dict], *, excluded: int = 2, not_in_raw: tuple[str, ...] = ()) -> Paths:
-    """Raw items (one part, ids unique as ingest guarantees) and a manifest listing ``items`` as given."""
+def _write(root: Path, items: list[dict], *, excluded: int = 2, not_in_raw: tuple[str, ...] = (),
+           raw_schema: pa.Schema = RAW_SCHEMA) -> Paths:
+    """Raw items (one part, ids unique as ingest guarantees) and a manifest listing ``items`` as given.
+
+    ``raw_schema`` lets a test write raw items that break the storage contract (a wrong type, a missing column).
+    """
     extra = [_item(f"excluded-{i}", "cat", "excluded") for i in range(excluded)]
     raw_rows = list({it["id"]: it for it in items + extra if it["id"] not in not_in_raw}.values())
     n = len(raw_rows)
@@ -51,6 +55,7 @@ def _write(root: Path, items: list[dict], *, excluded: int = 2, not_in_raw: tupl
         "mode": ["RGB"] * n, "channels": [3] * n, "brightness": [0.5] * n, "contrast": [0.1] * n,
         "pixel_sha": [r["id"] for r in raw_rows], "phash": [0] * n,
     }, schema=RAW_SCHEMA)
+    raw = raw.select(raw_schema.names).cast(raw_schema)
     raw_dir = root / "data" / "raw" / "items"
     raw_dir.mkdir(parents=True)
     pq.write_table(raw, raw_dir / "part-00000.parquet")
@@ -211,5 +216,23 @@ def test_manifest_id_missing_from_raw_items(tmp_path):
     with pytest.raises(ValidationFailed) as info:
         run(ValidateConfig(), paths)
     msg = str(info.value)
-    assert "val: expect_column_values_to_not_be_null(width): 1 unexpected" in msg and "val-dog-2" in msg
+    assert "val: expect_column_values_to_not_be_null(width): 1 unexpected, e.g. ids val-dog-2" in msg
     assert "stale manifest" in msg
+
+
+def test_raw_column_with_the_wrong_type(tmp_path):
+    wide = RAW_SCHEMA.set(RAW_SCHEMA.get_field_index("width"), pa.field("width", pa.int64()))
+    paths = _write(tmp_path, _items(), raw_schema=wide)
+    with pytest.raises(ValidationFailed) as info:
+        run(ValidateConfig(), paths)
+    msg = str(info.value)
+    assert msg.startswith("validation failed: 3 expectation(s) on 3 split(s)")
+    for split in ("train", "val", "test"):
+        assert f"{split}: expect_column_values_to_be_of_type(width): observed int64" in msg
+    assert "column 'width' has type int32" in msg
+
+
+def test_raw_part_missing_a_column_is_a_readable_data_error(tmp_path):
+    paths = _write(tmp_path, _items(), raw_schema=pa.schema([f for f in RAW_SCHEMA if f.name != "height"]))
+    with pytest.raises(DataError, match=r"raw items do not match the storage contract .*height.*keel ingest"):
+        run(ValidateConfig(), paths)
