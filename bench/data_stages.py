@@ -102,6 +102,29 @@ def _cpu_seconds() -> tuple[float, float]:
     return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
 
 
+def _system_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, all cores, from /proc/stat."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+    return busy, getattr(t, "steal", 0.0)
+
+
+def wait_for_idle(limit_s: float, quiet_cores: float = 0.15, window_s: float = 5.0) -> dict:
+    """Wait (up to limit_s) until other processes use less than ``quiet_cores`` cores over a window."""
+    t0 = time.perf_counter()
+    while True:
+        b0 = _system_cpu()[0]
+        time.sleep(window_s)
+        other = (_system_cpu()[0] - b0) / window_s
+        waited = time.perf_counter() - t0
+        if other < quiet_cores or waited >= limit_s:
+            state = "idle" if other < quiet_cores else "still busy"
+            print(f"bench: machine {state} after {waited:.0f} s (other processes used {other:.2f} cores)", flush=True)
+            return {"waited_s": round(waited, 1), "other_cores_before_start": round(other, 2), "idle": other < quiet_cores}
+
+
 def _maxrss_mb() -> tuple[float, float]:
     # Linux reports ru_maxrss in KiB.
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -115,7 +138,7 @@ def measure(fn, items_of, profile_to: Path | None = None) -> tuple[dict, object]
         import cProfile
 
         prof = cProfile.Profile()
-    cpu0 = _cpu_seconds()
+    cpu0, sys0 = _cpu_seconds(), _system_cpu()
     status, error, result = "ok", None, None
     with _Sampler() as mem:
         t0 = time.perf_counter()
@@ -134,7 +157,7 @@ def measure(fn, items_of, profile_to: Path | None = None) -> tuple[dict, object]
             if prof is not None:
                 prof.disable()
         wall = time.perf_counter() - t0
-    cpu1 = _cpu_seconds()
+    cpu1, sys1 = _cpu_seconds(), _system_cpu()
     maxrss_self, maxrss_children = _maxrss_mb()
     items = items_of(result) if result is not None else None
     out = {
@@ -151,7 +174,11 @@ def measure(fn, items_of, profile_to: Path | None = None) -> tuple[dict, object]
         "getrusage_maxrss_self_mb": round(maxrss_self, 1),
         "getrusage_maxrss_largest_child_mb": round(maxrss_children, 1),
     }
-    out["cpu_utilisation"] = round((out["cpu_self_s"] + out["cpu_workers_s"]) / wall / _nproc(), 3) if wall else None
+    ours = out["cpu_self_s"] + out["cpu_workers_s"]
+    out["cpu_utilisation"] = round(ours / wall / _nproc(), 3) if wall else None
+    # CPU that other processes on the machine used meanwhile (a shared box): the figures are only as clean as this
+    out["other_processes_cores"] = round(max(sys1[0] - sys0[0] - ours, 0.0) / wall, 2) if wall else None
+    out["steal_cores"] = round((sys1[1] - sys0[1]) / wall, 2) if wall else None
     if error:
         out["gate_message" if status == "gate_failed" else "error"] = error
     if prof is not None:
@@ -477,7 +504,7 @@ def versions() -> dict:
 def print_table(report: dict) -> None:
     base = report["baseline"]
     rows = [("stage", "status", "items", "wall s", "items/s", "us/item", "x base", "peak tree MB",
-             "peak self MB", "CPU util")]
+             "peak self MB", "CPU util", "others")]
 
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
@@ -485,12 +512,13 @@ def print_table(report: dict) -> None:
     for name in (*STAGES, "baseline"):
         r = base if name == "baseline" else report["stages"][name]
         if r.get("status") in ("skipped", "not_run"):
-            rows.append((name, r["status"], *["-"] * 8))
+            rows.append((name, r["status"], *["-"] * 9))
             continue
         rows.append((name, r["status"], fmt(r.get("items"), ","), fmt(r["wall_s"], ".2f"),
                      fmt(r.get("items_per_s"), ",.0f"), fmt(r.get("us_per_item"), ",.1f"),
                      fmt(r.get("ratio_to_baseline"), ".2f"), fmt(r["peak_rss_tree_mb"], ",.0f"),
-                     fmt(r["peak_rss_self_mb"], ",.0f"), fmt(r.get("cpu_utilisation"), ".0%")))
+                     fmt(r["peak_rss_self_mb"], ",.0f"), fmt(r.get("cpu_utilisation"), ".0%"),
+                     fmt(r.get("other_processes_cores"), ".2f")))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     ds = report["dataset"]
     print(f"\nkeel data stages: {ds['name']} N={report['n']:,} workers={report['workers']} "
@@ -500,6 +528,8 @@ def print_table(report: dict) -> None:
         print("  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+    print("CPU util: CPU seconds of this process and its workers / wall / CPUs.  others: cores used by other "
+          "processes on the machine meanwhile (should be ~0 for clean figures)")
     print(f"stages total {report['stages_total_s']:.2f} s = {report['stages_total_ratio_to_baseline']:.2f}x baseline; "
           f"dataset {ds['prepare_kind']} {ds['prepare_s']:.1f} s (not counted)")
     for name, r in report["stages"].items():
@@ -530,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="cProfile each stage in this process (not its workers); .pstats under the workdir and the "
                         "top functions in the JSON. Distorts wall times: use separate runs for figures")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before starting, wait up to S seconds for other processes to leave the CPUs alone")
     p.add_argument("--keep", action="store_true", help="keep stage outputs and the baseline parquet")
     args = p.parse_args(argv)
 
@@ -606,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                           "resource.getrusage ru_maxrss high-water marks (self; largest reaped child)",
             "profiled": args.profile,
         }
+
+        if args.wait_idle > 0:
+            report["machine_before_start"] = wait_for_idle(args.wait_idle)
+        report["loadavg_at_start"] = list(os.getloadavg())
 
         # ------------------------------------------------ stages
         report["stages"] = run_stages(source, run_dir, args.workers, stages, profile_dir)

@@ -186,9 +186,12 @@ def read_raw_meta(raw_dir: str | Path) -> pa.Table:
     """All raw-item columns except the image bytes (cheap: a few dozen bytes per item)."""
     tables = []
     for part in raw_parts(raw_dir):
-        t = pq.read_table(part, columns=RAW_META_COLUMNS)
-        tables.append(t)
-    return pa.concat_tables(tables)
+        missing = [c for c in RAW_META_COLUMNS if c not in pq.read_schema(part).names]
+        if missing:
+            raise DataError(f"{part}: not a keel raw-items part (missing columns {missing}); re-run `keel ingest`")
+        tables.append(pq.read_table(part, columns=RAW_META_COLUMNS))
+    # column types are checked by the validate stage's expectations, which name the split and column
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def iter_raw_batches(raw_dir: str | Path, columns: list[str] | None = None,

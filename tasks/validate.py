@@ -35,7 +35,7 @@ _EXCLUDED = "excluded"
 _SHORT_ID = 12                       # hex characters of an id shown in messages (full ids go to summary.json)
 
 # Columns of the frame each split is validated on, with the pandas type GX must observe.  Integers are
-# converted to nullable pandas dtypes (see _to_pandas) so a missing value does not silently turn int32 into
+# converted to nullable pandas dtypes (see _nullable_ints) so a missing value does not silently turn int32 into
 # float64 and hide the real problem behind a type failure.
 _EXPECTED_TYPES: dict[str, str] = {
     "id": "str", "label": "str", "split": "str", "unit": "str",
@@ -47,7 +47,8 @@ _NOT_NULL = ("id", "label", "width", "height")
 class ValidationFailed(Exception):
     """At least one expectation failed; the message lists each failure (split, check, ids, what to do)."""
 
-    def __init__(self, message: str, result: ValidateResult) -> None:
+    def __init__(self, message: str, result: ValidateResult | None = None) -> None:
+        # result is optional so the exception survives pickling (orchestrators ship exceptions between processes).
         super().__init__(message)
         self.result = result
 
@@ -136,7 +137,7 @@ def run(cfg: ValidateConfig, paths: Paths) -> ValidateResult:
     if failures:
         raise ValidationFailed(_message(result), result)
     for split in SPLITS:
-        print(f"validate: {_split_line(split, stats[split], classes)}")
+        print(f"validate: {_split_line(split, stats[split], classes, cfg)}")
     print(f"validate: {result.expectations} expectations passed; Data Docs at {result.docs_index}")
     return result
 
@@ -220,7 +221,7 @@ def _batches(frame: pd.DataFrame, classes: list[str], stats: dict[str, _SplitSta
     batches = []
     for split in SPLITS:
         rows = frame.loc[frame["split"] == split, list(_EXPECTED_TYPES)].reset_index(drop=True)
-        batches.append(_Batch(split, rows, "id", _split_expectations(gxe, split, classes, cfg), split=split))
+        batches.append(_Batch(split, rows, "id", _split_expectations(gxe, classes, cfg), split=split))
 
     # Cross-split checks on one row per (id, split): an id in two splits is leakage; an unknown or null split
     # value would otherwise drop the item silently from every per-split batch.
@@ -252,7 +253,7 @@ def _batches(frame: pd.DataFrame, classes: list[str], stats: dict[str, _SplitSta
     return batches
 
 
-def _split_expectations(gxe: Any, split: str, classes: list[str], cfg: ValidateConfig) -> list[Any]:
+def _split_expectations(gxe: Any, classes: list[str], cfg: ValidateConfig) -> list[Any]:
     exps: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=1, notes=_hint("rows", None, cfg))]
     for column, type_ in _EXPECTED_TYPES.items():
         exps.append(gxe.ExpectColumnToExist(column=column, notes=_hint("exists", column, cfg)))
@@ -415,11 +416,11 @@ def _observed(batch: _Batch, er: Any, ids: list[str]) -> str:
     if "partial_missing_list" in res:
         return "missing " + ", ".join(map(str, res["partial_missing_list"]))
     # Values are worth showing unless they are the ids themselves (uniqueness) or all null (not-null).
-    counts = [c for c in res.get("partial_unexpected_counts") or [] if c.get("value") is not None]
+    counts = [c for c in res.get("partial_unexpected_counts") or [] if not _is_null(c.get("value"))]
     if counts and er.expectation_config.type != "expect_column_values_to_be_unique":
         return "values " + ", ".join(f"{_fmt(c['value'])} x{c['count']}" for c in counts[:5])
     if "observed_value" in res:
-        return f"observed {_fmt(res['observed_value'])}"
+        return f"observed {res['observed_value']}"
     return ""
 
 
@@ -461,13 +462,14 @@ def _message(result: ValidateResult) -> str:
     return "\n".join(lines)
 
 
-def _split_line(split: str, s: _SplitStats, classes: list[str]) -> str:
+def _split_line(split: str, s: _SplitStats, classes: list[str], cfg: ValidateConfig) -> str:
     present = sum(1 for c in classes if s.class_counts.get(c, 0) > 0)
     text = f"{split:<5} {s.rows} rows, {present}/{len(classes)} classes"
     if s.imbalance_ratio is not None:
-        text += f", imbalance {_fmt(s.imbalance_ratio)}"
+        text += f", imbalance {_fmt(s.imbalance_ratio)} (max {cfg.max_imbalance_ratio:g})"
     if s.label_tv_distance is not None:
-        text += f", label TV distance from train {_fmt(s.label_tv_distance)}"
+        text += (f", label TV distance from train {_fmt(s.label_tv_distance)} "
+                 f"(max {cfg.max_label_distribution_distance:g})")
     return text
 
 
@@ -509,8 +511,13 @@ def _short(id_: str) -> str:
     return id_ if len(id_) <= _SHORT_ID + 1 else id_[:_SHORT_ID] + "…"
 
 
+def _is_null(value: Any) -> bool:
+    # GX hands back None, NaN or pd.NA for a missing value, depending on the column's dtype.
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
 def _id_text(value: Any) -> str:
-    return "(null id)" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+    return "(null id)" if _is_null(value) else str(value)
 
 
 def _nan(value: float | None) -> float:
@@ -518,7 +525,7 @@ def _nan(value: float | None) -> float:
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _is_null(value):
         return "-"
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.3g}"

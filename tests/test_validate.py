@@ -196,8 +196,7 @@ def test_duplicate_id_within_a_split(tmp_path):
     items = _items() + [_item("train-dog-3", "dog", "train")]
     msg, result, _ = _fail(tmp_path, items, max_label_distribution_distance=1.0)
 
-    assert "train: expect_column_values_to_be_unique(id): 2 unexpected" in msg
-    assert "ids train-dog-3, train-dog-3" in msg
+    assert "train: expect_column_values_to_be_unique(id): 2 unexpected, e.g. ids train-dog-3\n" in msg
     assert [f.split for f in result.failures] == ["train"]
 
 
@@ -234,5 +233,5 @@ def test_raw_column_with_the_wrong_type(tmp_path):
 
 def test_raw_part_missing_a_column_is_a_readable_data_error(tmp_path):
     paths = _write(tmp_path, _items(), raw_schema=pa.schema([f for f in RAW_SCHEMA if f.name != "height"]))
-    with pytest.raises(DataError, match=r"raw items do not match the storage contract .*height.*keel ingest"):
+    with pytest.raises(DataError, match=r"part-00000.parquet: not a keel raw-items part \(missing columns \[.height.\]\); re-run `keel ingest`"):
         run(ValidateConfig(), paths)
