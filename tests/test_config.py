@@ -29,8 +29,8 @@ def test_bad_fractions_named(tmp_path):
 
 
 def test_wrong_type_named(tmp_path):
-    p = write(tmp_path, "shard:\n  size: big\n")
-    with pytest.raises(ConfigError, match=r"shard.size: .*integer"):
+    p = write(tmp_path, "shard:\n  resolution: big\n")
+    with pytest.raises(ConfigError, match=r"shard.resolution: .*integer"):
         load_params(p)
 
 
