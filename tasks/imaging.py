@@ -56,6 +56,8 @@ def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = 
     """Fully decode ``data`` and normalise it by the module rule, or raise ``ImageRejected``."""
     if len(data) == 0:
         raise ImageRejected("empty_file", "zero bytes")
+    # PIL's own guard follows ingest.max_pixels (it raises on open past 2x, warns past 1x: both are rejects)
+    Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

@@ -190,12 +190,16 @@ def _write_rejects_now(paths: Paths, rejects: list[dict]) -> str:
 class _PartWriter:
     """Writes raw rows to part-NNNNN.parquet files of at most ``part_rows`` rows (bounded memory)."""
 
+    # large originals (e.g. 5 MB photos) must not pile up: a part is also closed at this many image bytes
+    MAX_PART_BYTES = 256 << 20
+
     def __init__(self, out_dir: Path, part_rows: int):
-        self.dir, self.part_rows, self.rows, self.n = Path(out_dir), part_rows, [], 0
+        self.dir, self.part_rows, self.rows, self.n, self.bytes = Path(out_dir), part_rows, [], 0, 0
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        if len(self.rows) >= self.part_rows:
+        self.bytes += len(row["image"])
+        if len(self.rows) >= self.part_rows or self.bytes >= self.MAX_PART_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -204,7 +208,7 @@ class _PartWriter:
         table = pa.Table.from_pylist(self.rows, schema=io.RAW_SCHEMA)
         pq.write_table(table, self.dir / f"part-{self.n:05d}.parquet", row_group_size=1024)
         self.n += 1
-        self.rows = []
+        self.rows, self.bytes = [], 0
 
     def close(self) -> None:
         self.flush()

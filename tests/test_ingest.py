@@ -227,3 +227,21 @@ def test_digits_audit(digits_pipeline):
     labels = np.asarray(meta.column("label").to_pylist(), dtype=object)
     again = _contact_sheet(Path(p.audit_dir) / "again.png", p.raw_items, ids, labels, 100, 0)
     assert again == audit["contact_sheet"]["ids"]
+
+
+def test_parts_are_bounded_and_read_back_whole(awkward_folder, paths):
+    r = ingest.run(IngestConfig(source=str(awkward_folder), part_rows=3, workers=1), paths)
+    parts = sorted(Path(paths.raw_items).glob("part-*.parquet"))
+    assert len(parts) == -(-r.ingested // 3) and all(pq.read_metadata(p).num_rows <= 3 for p in parts)
+    assert len(read_raw_meta(paths.raw_items)) == r.ingested
+
+
+def test_real_decompression_bomb_header_is_rejected(tmp_path, paths):
+    # a PNG whose header claims 30000 x 30000 pixels (900 M): rejected from the header, nothing decoded
+    d = tmp_path / "bomb" / "a"
+    d.mkdir(parents=True)
+    Image.new("1", (30000, 30000)).save(d / "bomb.png", optimize=True)
+    (d / "ok.png").write_bytes(encode(pattern(3)))
+    r = ingest.run(IngestConfig(source=str(tmp_path / "bomb"), workers=1), paths)
+    _, rejects = _tables(paths)
+    assert r.ingested == 1 and rejects["a/bomb.png"]["reason"] == "decompression_bomb"
