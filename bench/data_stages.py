@@ -176,6 +176,8 @@ def measure(fn, items_of, profile_to: Path | None = None) -> tuple[dict, object]
         "getrusage_maxrss_largest_child_mb": round(maxrss_children, 1),
     }
     ours = out["cpu_self_s"] + out["cpu_workers_s"]
+    # CPU per item is steadier than wall time on a shared machine: other processes delay us but do not add to it
+    out["cpu_us_per_item"] = round(ours / items * 1e6, 2) if items else None
     out["cpu_utilisation"] = round(ours / wall / _nproc(), 3) if wall else None
     # CPU that other processes on the machine used meanwhile (a shared box): the figures are only as clean as this
     out["other_processes_cores"] = round(max(sys1[0] - sys0[0] - ours, 0.0) / wall, 2) if wall else None
