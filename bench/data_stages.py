@@ -84,7 +84,7 @@ class _Sampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "_Sampler":
+    def __enter__(self) -> _Sampler:
         self._sample()
         self.start = self.peak_self
         self._thread.start()
@@ -290,7 +290,7 @@ def list_folder(root: Path) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- baseline
-def _baseline_chunk(chunk: list) -> "tuple[list[str], object]":
+def _baseline_chunk(chunk: list) -> tuple[list[str], object]:
     """Decode a chunk of (path-or-bytes, label) to uint8 [k, 32, 32, 3]: the irreducible work per image."""
     import io as _io
 
@@ -619,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                 return list_folder(root)
 
         # Import the stage modules before timing anything (an import is not a stage's work).
-        import tasks.ingest  # noqa: F401
-        import tasks.shard  # noqa: F401
+        import tasks.ingest
+        import tasks.shard
         import tasks.split  # noqa: F401
 
         if "ingest" in stages:
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "benchmark": "bench/data_stages.py",
             "schema": 1,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
             "git": git_info(),
             "machine": machine_info(),

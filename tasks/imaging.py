@@ -65,7 +65,7 @@ def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = 
         except UnidentifiedImageError:
             raise ImageRejected("not_an_image", f"{len(data)} bytes that no image decoder recognises") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected("decompression_bomb", str(exc)) from None
+            raise ImageRejected("decompression_bomb", f"{exc} (ingest.max_pixels={max_pixels})") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise ImageRejected("corrupt_image", f"header unreadable: {type(exc).__name__}: {exc}") from None
         w, h = img.size
