@@ -168,7 +168,14 @@ def check_leakage(manifest: pa.Table, meta: pa.Table, k: int) -> list[str]:
              ("near duplicate (pHash)", dup["near_edges"]),
              ("same group", dedup.key_edges(np.asarray(kept.column("group").to_pylist(), dtype=object)))]
     comp = dedup.components(len(kept), np.concatenate([e for _, e in kinds]))
-    bad_units = {c for c in np.unique(comp) if len(set(kept_split[comp == c])) > 1} if len(kept) else set()
+    bad_units: set[int] = set()
+    if len(kept):  # vectorised: a unit is bad when its min and max split codes differ (O(n), not O(n x units))
+        codes = np.unique(kept_split.astype(str), return_inverse=True)[1]
+        lo = np.full(comp.max() + 1, codes.max() + 1)
+        hi = np.full(comp.max() + 1, -1)
+        np.minimum.at(lo, comp, codes)
+        np.maximum.at(hi, comp, codes)
+        bad_units = set(np.flatnonzero(lo != hi).tolist())
     for kind, edges in kinds:
         for a, b in edges:
             if kept_split[a] != kept_split[b]:
