@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from tasks import dedup, io
 from tasks.config import IngestConfig, Paths
 
+TILE = 72  # contact-sheet tile size in pixels
+
 
 def write_audit(cfg: IngestConfig, paths: Paths, result) -> dict:
     import matplotlib
@@ -143,34 +145,44 @@ def _plot_box(path: Path, labels, classes, values, ylabel: str) -> None:
 
 
 def _contact_sheet(path: Path, raw_dir: str, ids: list[str], labels, n: int, seed: int) -> list[str]:
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    """A grid of ``n`` seeded random items, each captioned with its label and short id (PIL, no subplots)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from tasks.imaging import normalise
 
     rng = np.random.default_rng(seed)
     pick = sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False).tolist())
     wanted = {ids[i]: labels[i] for i in pick}
-    images: dict[str, np.ndarray] = {}
+    tiles: dict[str, Image.Image] = {}
     for part in io.raw_parts(raw_dir):
         t = pq.read_table(part, columns=["id", "image"], filters=[("id", "in", list(wanted))])
         for i, data in zip(t.column("id").to_pylist(), t.column("image").to_pylist()):
             img = Image.open(_io.BytesIO(data))
             img.load()
-            img.thumbnail((96, 96))
-            images[i] = normalise(img)
-    chosen = [i for i in (ids[j] for j in pick) if i in images]
+            px = normalise(img)
+            tile = Image.fromarray(px).convert("RGB")
+            # small images are enlarged with nearest neighbour so pixels stay visible; large ones shrink
+            scale = TILE / max(tile.size)
+            tiles[i] = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))),
+                                   Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR)
+    chosen = [i for i in (ids[j] for j in pick) if i in tiles]
     cols = 10
     rows = max(1, -(-len(chosen) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.35))
-    for ax in np.atleast_1d(axes).ravel():
-        ax.axis("off")
-    for ax, i in zip(np.atleast_1d(axes).ravel(), chosen):
-        px = images[i]
-        ax.imshow(px, cmap="gray" if px.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"{wanted[i]}\n{i[:8]}", fontsize=6)
-    fig.suptitle(f"label sanity check: {len(chosen)} random items (seed {seed})", fontsize=9)
-    _save(fig, path)
+    cap, pad, head = 26, 6, 24
+    sheet = Image.new("RGB", (cols * (TILE + pad) + pad, head + rows * (TILE + cap + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=11)
+    draw.text((pad, 4), f"label sanity check: {len(chosen)} random items (seed {seed})", fill="black",
+              font=ImageFont.load_default(size=14))
+    for k, i in enumerate(chosen):
+        x = pad + (k % cols) * (TILE + pad)
+        y = head + (k // cols) * (TILE + cap + pad)
+        t = tiles[i]
+        sheet.paste(t, (x + (TILE - t.width) // 2, y + (TILE - t.height) // 2))
+        draw.text((x, y + TILE + 1), str(wanted[i])[:16], fill="black", font=font)
+        draw.text((x, y + TILE + 13), i[:10], fill="#777777", font=font)
+    with io.atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
     return chosen
 
 

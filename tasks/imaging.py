@@ -140,10 +140,12 @@ def _dct_matrix(n: int = 32) -> np.ndarray:
 
 def phash(gray: np.ndarray) -> int:
     """64-bit DCT perceptual hash (the pHash construction: 32x32 -> DCT -> 8x8 low band vs its median)."""
-    small = np.asarray(Image.fromarray(gray).resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    d = _dct_matrix()
-    coeffs = d @ small @ d.T
-    low = coeffs[:8, :8].ravel()
+    img = Image.fromarray(gray)
+    if img.size != (32, 32):  # PIL's same-size resize is a copy: skip it
+        img = img.resize((32, 32), Image.Resampling.LANCZOS)
+    small = np.asarray(img, dtype=np.float64)
+    d8 = _dct_matrix()[:8]  # only the 8x8 low band is used: compute just that corner of the 2-D DCT
+    low = (d8 @ small @ d8.T).ravel()
     bits = low > np.median(low[1:])
     return int(np.packbits(bits).view(">u8")[0])
 
