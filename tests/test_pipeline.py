@@ -86,5 +86,14 @@ def test_cli_errors_are_readable(clone, tmp_path):
     p2.write_text(yaml.safe_dump(ok))
     r = sh(["keel", "split", "--params", str(p2)], clone, check=False)
     assert r.returncode == 1 and "split is frozen" in r.stderr and "Traceback" not in r.stderr
+    # a failing expectation stops the stage with a list: split, expectation, sample ids
+    strict = yaml.safe_load((clone / "params.yaml").read_text())
+    strict["validate"]["max_width"] = 4  # digits are 8 px wide
+    p3 = tmp_path / "p3.yaml"
+    p3.write_text(yaml.safe_dump(strict))
+    r = sh(["keel", "validate", "--params", str(p3)], clone, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "validation failed" in r.stderr
+    assert "train: expect_column_values_to_be_between(width)" in r.stderr and "e.g. ids" in r.stderr
     r = sh(["keel", "--help"], clone)
     assert all(s in r.stdout for s in ("ingest", "split", "validate", "shard"))
