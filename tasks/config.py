@@ -83,6 +83,15 @@ class ValidateConfig(_Section):
     sample_ids: int = Field(5, ge=1, description="offending ids shown per failed expectation")
 
 
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "ValidateConfig":
+        for dim in ("width", "height"):
+            lo, hi = getattr(self, f"min_{dim}"), getattr(self, f"max_{dim}")
+            if lo > hi:
+                raise ValueError(f"min_{dim}={lo} is greater than max_{dim}={hi}")
+        return self
+
+
 class ShardConfig(_Section):
     # not "size": DVC drops keys named size/nfiles from its run-cache key, so a change would be missed
     resolution: int = Field(32, ge=4, description="training resolution (square, pixels)")

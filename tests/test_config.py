@@ -49,3 +49,9 @@ def test_not_a_mapping(tmp_path):
     p = write(tmp_path, "- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_params(p)
+
+
+def test_validate_bounds_must_be_ordered(tmp_path):
+    p = write(tmp_path, "validate:\n  min_width: 8\n  max_width: 4\n")
+    with pytest.raises(ConfigError, match=r"validate: .*min_width=8 is greater than max_width=4"):
+        load_params(p)

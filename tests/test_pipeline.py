@@ -88,7 +88,7 @@ def test_cli_errors_are_readable(clone, tmp_path):
     assert r.returncode == 1 and "split is frozen" in r.stderr and "Traceback" not in r.stderr
     # a failing expectation stops the stage with a list: split, expectation, sample ids
     strict = yaml.safe_load((clone / "params.yaml").read_text())
-    strict["validate"]["max_width"] = 4  # digits are 8 px wide
+    strict["validate"].update(min_width=1, max_width=4)  # digits are 8 px wide
     p3 = tmp_path / "p3.yaml"
     p3.write_text(yaml.safe_dump(strict))
     r = sh(["keel", "validate", "--params", str(p3)], clone, check=False)
