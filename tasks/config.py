@@ -84,7 +84,7 @@ class ValidateConfig(_Section):
 
 
     @model_validator(mode="after")
-    def _bounds_ordered(self) -> "ValidateConfig":
+    def _bounds_ordered(self) -> ValidateConfig:
         for dim in ("width", "height"):
             lo, hi = getattr(self, f"min_{dim}"), getattr(self, f"max_{dim}")
             if lo > hi:
