@@ -22,6 +22,10 @@ STAGES = {
                 "with a list of what failed, per split, with sample ids.",
     "shard": "Decode, normalise and resize each split to the training resolution into parquet shards with an "
              "index (rows, bytes, sha256 per shard, classes, train-only mean/std).",
+    "train": "Train a timm model on the train shards, selecting on val (never test): LR scaled to the effective "
+             "batch with warmup and a floored schedule, clipping, accumulation, mixed precision, EMA; logs loss, "
+             "LR, grad norm and throughput; detects intervention signals; keeps best and last checkpoints and "
+             "resumes from the last after a crash. Launch under torchrun for several devices.",
 }
 
 
@@ -63,10 +67,34 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "shard":
             from tasks import shard
             shard.run(params.shard, params.paths)
+        elif args.stage == "train":
+            from tasks.train import loop
+            from tasks.train.model import ModelConfigError
+
+            try:
+                loop.run(params.train, params.paths, logger=_tracker(params, args.stage))
+            except (loop.TrainError, ModelConfigError) as exc:
+                raise DataError(str(exc)) from None
     except user_errors as exc:
         print(f"keel {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tracker(params, stage: str):
+    """The MLflow logger for rank 0, when keel.tracking is available; the loop itself never imports MLflow."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get("KEEL_TRACKING", "mlflow") == "off":
+        return None
+    try:
+        from tasks import tracking
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    return tracking.MlflowLogger(experiment="keel", run_name=stage, tracking_uri=tracking.tracking_uri(Path.cwd()),
+                                 tags={"keel.stage": stage})
 
 
 if __name__ == "__main__":

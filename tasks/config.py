@@ -31,6 +31,9 @@ class Paths(_Section):
     leakage_report: str = "reports/leakage.json"
     validate_dir: str = "reports/validate"
     shards_dir: str = "data/shards"
+    models_dir: str = "models"
+    train_metrics: str = "metrics/train.json"
+    train_plots_dir: str = "reports/train"
 
 
 class IngestConfig(_Section):
@@ -103,6 +106,57 @@ class ShardConfig(_Section):
     alpha_background: tuple[int, int, int] = (255, 255, 255)
 
 
+class TrainConfig(_Section):
+    model: str = Field("resnet18", description="timm model name")
+    pretrained: Literal["none", "timm", "checkpoint"] = "none"
+    init_checkpoint: str | None = Field(None, description="local checkpoint when pretrained=checkpoint")
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    small_input_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool for inputs <= 64 px")
+    # transfer learning: phase 1 trains the new head with the backbone frozen, phase 2 unfreezes the top blocks
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    unfreeze_top_blocks: int = Field(0, ge=0, description="0 = all blocks train in phase 2")
+    backbone_lr_factor: float = Field(0.1, gt=0, le=1, description="backbone LR = head LR x this (10-100x lower)")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0, description="base LR at the reference batch; scaled linearly to the effective batch")
+    reference_batch: int = Field(256, ge=1)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1, description="per-device batch")
+    effective_batch: int | None = Field(None, description="target global batch; reached with gradient accumulation")
+    epochs: int = Field(15, ge=1)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    lr_floor: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of the scaled base LR")
+    grad_clip: float | None = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off)")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
+    augment: Literal["none", "flip_crop", "randaugment"] = "flip_crop"
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 decay; validation uses the EMA")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    devices: int = Field(1, ge=1, description="processes per node (torchrun --nproc_per_node)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    deterministic: bool = True
+    early_stopping_patience: int | None = Field(None, ge=1, description="null = run the schedule, keep the best")
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    log_every_steps: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (smoke runs)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.pretrained == "checkpoint" and not self.init_checkpoint:
+            raise ValueError("pretrained=checkpoint needs init_checkpoint (a local file)")
+        if self.effective_batch is not None and self.effective_batch % (self.batch_size * self.devices):
+            raise ValueError(f"effective_batch={self.effective_batch} is not a multiple of batch_size x devices "
+                             f"= {self.batch_size * self.devices}; gradient accumulation needs a whole number of steps")
+        return self
+
+
 class Params(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -112,6 +166,7 @@ class Params(_Section):
     # "validate" is a BaseModel method name, so the field is stored as validate_ and read from "validate:".
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     shard: ShardConfig = ShardConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -146,4 +201,4 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
 
 
 # Sections owned by stages that land in later issues; tolerated here, validated by their stage.
-FUTURE_SECTIONS = {"train", "evaluate", "register", "preflight", "stability", "reproduce", "flow"}
+FUTURE_SECTIONS = {"evaluate", "register", "preflight", "stability", "reproduce", "flow"}

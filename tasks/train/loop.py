@@ -1,0 +1,477 @@
+"""keel train: reads top to bottom — distributed set-up, data, model, optimiser and schedule, loop, checkpoints.
+
+Runs under torchrun (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` from the environment; gloo on CPU, NCCL on GPU) or as a
+plain process. Only rank 0 logs and writes; every write is atomic. Reads the train and val shards only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tasks import io, lineage
+from tasks.config import Paths, TrainConfig
+from tasks.train import data as tdata
+from tasks.train import model as tmodel
+from tasks.train.logger import JsonlLogger, MetricLogger, MultiLogger, NullLogger
+from tasks.train.signals import SignalMonitor
+
+
+class TrainError(Exception):
+    """A training problem a user can act on (bad params for this data, no CUDA, a halted run)."""
+
+
+@dataclass
+class TrainResult:
+    best_val_accuracy: float
+    best_val_loss: float
+    best_epoch: int
+    steps: int
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_step: int
+
+
+# ---------------------------------------------------------------- set-up helpers
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError("train.device=cuda but no CUDA device is available; set train.device: cpu or auto")
+        if local_rank >= torch.cuda.device_count():
+            raise TrainError(f"train.devices={cfg.devices} but this node has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        if device.type == "cpu" and cfg.precision == "fp16":
+            raise TrainError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _param_groups(model: torch.nn.Module, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
+    head = {id(p) for p in tmodel.head_parameters(model)}
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        # no weight decay on biases and norm scales (1-D tensors): the usual practice, as timm's param_groups
+        groups.setdefault((id(p) in head, p.ndim > 1), []).append(p)
+    return [{"params": ps, "lr": lr if is_head else backbone_lr, "weight_decay": weight_decay if decay else 0.0,
+             "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}"}
+            for (is_head, decay), ps in sorted(groups.items())]
+
+
+def _resume_key(cfg: TrainConfig, data: dict, world: int) -> str:
+    blob = json.dumps({"cfg": cfg.model_dump(mode="json"), "data": data, "world": world}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _save(path: Path, blob: dict) -> None:
+    with io.atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, norm: torch.nn.Module, split: tdata.DeviceSplit, autocast, batch: int = 1024,
+             channels_last: bool = False) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for s in range(0, split.n, batch):
+        x = norm(split.x[s:s + batch])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        y = split.y[s:s + batch]
+        total_loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train()
+    return total_loss / max(split.n, 1), correct / max(split.n, 1)
+
+
+# ---------------------------------------------------------------- the stage
+def run(cfg: TrainConfig, paths: Paths, logger: MetricLogger | None = None) -> TrainResult:
+    world, rank, local_rank = _dist_env()
+    if world != cfg.devices:
+        raise TrainError(f"train.devices={cfg.devices} but the launcher started {world} process(es); "
+                         "launch with `torchrun --nproc_per_node=${train.devices}` (dvc.yaml does)")
+    device = _device(cfg, local_rank)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    try:
+        return _train(cfg, paths, logger, world, rank, device, master)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
+    seed_everything(cfg.seed, cfg.deterministic)
+    index = io.ShardIndex.load(paths.shards_dir)
+    train_data = tdata.DeviceSplit(paths.shards_dir, "train", device)
+    val_data = tdata.DeviceSplit(paths.shards_dir, "val", device)
+    norm = tdata.Normalize(index.mean, index.std).to(device)
+
+    accumulation = 1
+    if cfg.effective_batch is not None:
+        accumulation = cfg.effective_batch // (cfg.batch_size * world)
+    effective = cfg.batch_size * world * accumulation
+    steps_per_epoch = tdata.steps_per_epoch(train_data.n, cfg.batch_size, world, accumulation)
+    if steps_per_epoch == 0:
+        raise TrainError(f"train.batch_size={cfg.batch_size} x devices {world} x accumulation {accumulation} = "
+                         f"{effective} is larger than the train split ({train_data.n} items)")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scaled_lr = cfg.lr * effective / cfg.reference_batch  # the linear scaling rule
+
+    model, init_report = tmodel.build_model(cfg, len(index.classes), index.channels, index.resolution)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    transfer = cfg.pretrained != "none"
+    backbone_lr = scaled_lr * cfg.backbone_lr_factor if transfer else scaled_lr
+    groups = _param_groups(model, scaled_lr, backbone_lr, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=scaled_lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=scaled_lr, momentum=cfg.momentum, nesterov=True)
+    from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+    from timm.utils import ModelEmaV3
+
+    floor = cfg.lr_floor * min(g["lr"] for g in groups)
+    sched_cls = CosineLRScheduler if cfg.schedule == "cosine" else PolyLRScheduler
+    extra = {} if cfg.schedule == "cosine" else {"power": 1.0}
+    sched = sched_cls(opt, t_initial=total_steps, lr_min=floor, warmup_t=cfg.warmup_steps,
+                      warmup_lr_init=floor * 0.1, t_in_epochs=False, **extra)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    precision = _precision(cfg, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    data_versions = lineage.data_versions(paths.shards_dir, paths.split_manifest)
+    resume_key = _resume_key(cfg, data_versions, world)
+    models_dir = Path(paths.models_dir)
+    last_path, best_path = models_dir / "last.pt", models_dir / "best.pt"
+    monitor = SignalMonitor()
+    state = {"step": 0, "epoch": 0, "next_batch": 0, "best_metric": None, "best_epoch": -1, "best_val_loss": math.inf,
+             "best_val_accuracy": 0.0, "bad_epochs": 0, "history": [], "stopped_early": False}
+    resumed_from = 0
+    if last_path.exists():
+        ck = torch.load(last_path, map_location=device, weights_only=False)
+        if ck.get("resume_key") == resume_key:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            if ema is not None and ck.get("ema") is not None:
+                ema.load_state_dict(ck["ema"])
+            monitor.load_state_dict(ck["signals"])
+            state.update(ck["state"])
+            _set_rng_state(ck["rng"])
+            resumed_from = state["step"]
+        elif master:
+            print(f"train: {last_path} is from a different config or data version; starting fresh", file=sys.stderr)
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    phase = 1 if transfer and cfg.freeze_backbone_epochs > state["epoch"] else 2
+    if transfer:
+        tmodel.set_phase(model, phase, cfg.unfreeze_top_blocks)
+    if world > 1 and device.type == "cuda":
+        # BatchNorm statistics over the global batch, as one process would compute them (NCCL only)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    net = DDP(model, find_unused_parameters=transfer) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+
+    files = None
+    if master:
+        plots = Path(paths.train_plots_dir)
+        plots.mkdir(parents=True, exist_ok=True)
+        files = JsonlLogger(plots / "events.jsonl")
+        logger = MultiLogger(files, logger) if logger is not None else files
+    else:
+        logger = NullLogger()
+    git = lineage.git_state()
+    run_info = {"config": cfg.model_dump(mode="json"), "world_size": world, "accumulation": accumulation,
+                "effective_batch": effective, "scaled_lr": scaled_lr, "backbone_lr": backbone_lr,
+                "precision": precision, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "classes": index.classes, "init": init_report, "environment_hash": lineage.environment_hash(),
+                **git, **data_versions, "resumed_from_step": resumed_from}
+    logger.log_params(run_info)
+    if master:
+        print(f"train: {cfg.model} on {device} x{world}, {precision}, effective batch {effective} "
+              f"({cfg.batch_size} x {world} devices x {accumulation} accumulation), lr {cfg.lr} at batch "
+              f"{cfg.reference_batch} -> {scaled_lr:.3g}, {total_steps} steps"
+              + (f"; resuming at step {resumed_from}" if resumed_from else ""), file=sys.stderr)
+
+    stop_requested = {"sig": None}
+
+    def on_sigterm(signum, frame):  # checkpoint at the next step boundary, then exit
+        stop_requested["sig"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if master or world == 1 else None
+
+    def checkpoint(path: Path, extra_state: dict) -> None:
+        if not master:
+            return
+        _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "ema": ema.state_dict() if ema is not None else None, "signals": monitor.state_dict(),
+                     "state": {**state, **extra_state}, "rng": _rng_state(), "resume_key": resume_key,
+                     "index": {"classes": index.classes, "mean": index.mean, "std": index.std,
+                               "resolution": index.resolution, "channels": index.channels},
+                     "run_info": run_info})
+
+    step_log: list[dict] = []
+    t_window, imgs_window, wait_window, step_time_window = time.perf_counter(), 0, 0.0, 0.0
+    halted = None
+    try:
+        for epoch in range(state["epoch"], cfg.epochs):
+            if state["step"] >= total_steps:
+                break
+            if transfer and phase == 1 and epoch >= cfg.freeze_backbone_epochs:
+                phase = 2
+                tmodel.set_phase(model, 2, cfg.unfreeze_top_blocks)
+                logger.log_event("phase_2", f"backbone unfrozen ({cfg.unfreeze_top_blocks or 'all'} groups) at "
+                                 f"LR x{cfg.backbone_lr_factor}", state["step"])
+            net.train()
+            epoch_loss, epoch_batches = 0.0, 0
+            usable = steps_per_epoch * accumulation
+            t_fetch = time.perf_counter()
+            batches = tdata.iterate_epoch(train_data, cfg.batch_size, world, rank, cfg.seed, epoch, cfg.augment,
+                                          start_batch=state["next_batch"])
+            for i, x, y in batches:
+                if i >= usable or state["step"] >= total_steps:
+                    break
+                x = norm(x)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_compute = time.perf_counter()
+                wait_window += t_compute - t_fetch
+                final_micro = (i + 1) % accumulation == 0
+                sync_ctx = net.no_sync() if (world > 1 and not final_micro and hasattr(net, "no_sync")) else _null()
+                with sync_ctx:
+                    with autocast():
+                        logits = net(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    scaler.scale(loss / accumulation).backward()
+                epoch_loss += float(loss.detach())
+                epoch_batches += 1
+                imgs_window += len(y) * world
+                if not final_micro:
+                    t_fetch = time.perf_counter()
+                    continue
+                scaler.unscale_(opt)
+                params = [p for p in model.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+                loss_value = loss.detach().float()
+                if world > 1:  # the logged loss is the global batch's mean, comparable to a 1-process run
+                    dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
+                    loss_value /= world
+                loss_value = float(loss_value)
+                finite = torch.tensor([1.0 if math.isfinite(loss_value) else 0.0], device=device)
+                if world > 1:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if finite.item() < 1:
+                    halted = (f"non-finite loss ({loss_value}) at step {state['step']}, epoch {epoch}; the last good "
+                              f"checkpoint is {last_path} (lower train.lr, check the data, or use train.grad_clip)")
+                    logger.log_event("non_finite_loss", halted, state["step"])
+                    break
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(model, step=state["step"])
+                state["step"] += 1
+                sched.step_update(num_updates=state["step"])
+                state["next_batch"] = i + 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_time_window += time.perf_counter() - t_compute
+                for sig in monitor.on_step(state["step"], loss_value, grad_norm):
+                    logger.log_event(sig.name, sig.detail, sig.step)
+                if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
+                    now = time.perf_counter()
+                    elapsed = now - t_window
+                    rec = {"train_loss": loss_value, "lr": opt.param_groups[-1]["lr"], "grad_norm": grad_norm,
+                           "images_per_s": imgs_window / max(elapsed, 1e-9),
+                           "data_wait_fraction": wait_window / max(wait_window + step_time_window, 1e-9)}
+                    logger.log_metrics(rec, state["step"])
+                    step_log.append({"step": state["step"], **rec})
+                    t_window, imgs_window, wait_window, step_time_window = now, 0, 0.0, 0.0
+                if stop_requested["sig"] is not None:
+                    checkpoint(last_path, {})
+                    logger.log_event("sigterm", f"stopped at step {state['step']}; checkpoint {last_path}",
+                                     state["step"])
+                    raise SystemExit(128 + stop_requested["sig"])
+                t_fetch = time.perf_counter()
+            if halted:
+                break
+            # ---- end of epoch: validate (EMA weights when enabled), select, checkpoint
+            eval_model = ema.module if ema is not None else model
+            val_loss, val_acc = evaluate(eval_model, norm, val_data, autocast, channels_last=cfg.channels_last)
+            train_loss = epoch_loss / max(epoch_batches, 1)
+            metric = val_acc if cfg.monitor == "val_accuracy" else -val_loss
+            improved = state["best_metric"] is None or metric > state["best_metric"]
+            state["history"].append({"epoch": epoch, "step": state["step"], "train_loss": train_loss,
+                                     "val_loss": val_loss, "val_accuracy": val_acc})
+            logger.log_metrics({"epoch_train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc},
+                               state["step"])
+            for sig in monitor.on_epoch(epoch, state["step"], train_loss, val_loss, val_acc):
+                logger.log_event(sig.name, sig.detail, sig.step)
+            if master:
+                print(f"train: epoch {epoch} step {state['step']}: train loss {train_loss:.4f}, val loss "
+                      f"{val_loss:.4f}, val acc {val_acc:.4f}{' (best)' if improved else ''}", file=sys.stderr)
+            state["epoch"], state["next_batch"] = epoch + 1, 0
+            if improved:
+                state.update(best_metric=metric, best_epoch=epoch, best_val_loss=val_loss, best_val_accuracy=val_acc,
+                             bad_epochs=0)
+                if master:
+                    blob = {"model": eval_model.state_dict(), "epoch": epoch, "step": state["step"],
+                            "val_loss": val_loss, "val_accuracy": val_acc, "model_name": cfg.model,
+                            "index": {"classes": index.classes, "mean": index.mean, "std": index.std,
+                                      "resolution": index.resolution, "channels": index.channels},
+                            "run_info": run_info}
+                    _save(best_path, blob)
+            else:
+                state["bad_epochs"] += 1
+            stop = torch.tensor([1.0 if (cfg.early_stopping_patience and
+                                         state["bad_epochs"] >= cfg.early_stopping_patience) else 0.0], device=device)
+            if world > 1:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # one decision for all ranks
+            if stop.item() > 0:
+                state["stopped_early"] = True
+                logger.log_event("early_stop", f"no improvement of {cfg.monitor} for {state['bad_epochs']} epochs; "
+                                 f"best epoch {state['best_epoch']}", state["step"])
+            checkpoint(last_path, {})
+            if state["stopped_early"]:
+                break
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+    if master:
+        _write_outputs(paths, state, run_info, step_log, halted)
+        logger.close("FAILED" if halted else "FINISHED")
+    if halted:
+        raise TrainError(halted)
+    return TrainResult(state["best_val_accuracy"], state["best_val_loss"], state["best_epoch"], state["step"],
+                       state["epoch"], state["stopped_early"], resumed_from)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _write_outputs(paths: Paths, state: dict, run_info: dict, step_log: list[dict], halted: str | None) -> None:
+    plots = Path(paths.train_plots_dir)
+    io.write_text(plots / "steps.csv", _csv(step_log, ["step", "train_loss", "lr", "grad_norm", "images_per_s",
+                                                        "data_wait_fraction"]))
+    io.write_text(plots / "epochs.csv", _csv(state["history"], ["epoch", "step", "train_loss", "val_loss",
+                                                                  "val_accuracy"]))
+    waits = [r["data_wait_fraction"] for r in step_log]
+    speeds = [r["images_per_s"] for r in step_log]
+    io.write_json(paths.train_metrics, {
+        "best_val_accuracy": state["best_val_accuracy"], "best_val_loss": state["best_val_loss"],
+        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "steps": state["step"],
+        "stopped_early": state["stopped_early"], "halted": halted,
+        "scaled_lr": run_info["scaled_lr"], "effective_batch": run_info["effective_batch"],
+        "data_wait_fraction": float(np.median(waits)) if waits else None,
+        "images_per_s": float(np.median(speeds)) if speeds else None,
+    })
+    _plot(plots / "curves.png", step_log, state["history"])
+
+
+def _csv(rows: list[dict], cols: list[str]) -> str:
+    lines = [",".join(cols)]
+    lines += [",".join(f"{r.get(c, '')}" for c in cols) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(10, 6))
+    s = [r["step"] for r in steps]
+    ax[0, 0].plot(s, [r["train_loss"] for r in steps], label="train (step)")
+    ax[0, 0].plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val (epoch)")
+    ax[0, 0].set_title("loss")
+    ax[0, 0].legend()
+    ax[0, 1].plot([r["step"] for r in epochs], [r["val_accuracy"] for r in epochs], "o-")
+    ax[0, 1].set_title("val accuracy")
+    ax[1, 0].plot(s, [r["lr"] for r in steps])
+    ax[1, 0].set_title("learning rate")
+    ax[1, 1].plot(s, [r["grad_norm"] for r in steps])
+    ax[1, 1].set_title("grad norm (before clipping)")
+    for a in ax.ravel():
+        a.set_xlabel("step")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    with io.atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())

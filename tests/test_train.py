@@ -1,0 +1,183 @@
+"""The train stage on the digits shards, on the CPU: determinism, resume after SIGKILL, DDP equivalence, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tasks import io
+from tasks.config import ConfigError, TrainConfig, load_params
+from tasks.train import loop
+from tasks.train.model import ModelConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"model": "resnet10t", "epochs": 2, "batch_size": 32, "warmup_steps": 5, "lr": 0.004, "log_every_steps": 1}
+
+
+def train_paths(p, root: Path):
+    return p.model_copy(update={"models_dir": str(root / "models"), "train_metrics": str(root / "metrics.json"),
+                                "train_plots_dir": str(root / "reports")})
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(digits_pipeline, tmp_path_factory):
+    """One uninterrupted 3-epoch run that other tests compare against."""
+    p, *_ = digits_pipeline
+    root = tmp_path_factory.mktemp("ref")
+    cfg = TrainConfig(**{**FAST, "epochs": 3})
+    result = loop.run(cfg, train_paths(p, root))
+    return cfg, root, result
+
+
+def test_trains_and_writes_its_outputs(reference):
+    cfg, root, result = reference
+    assert result.best_val_accuracy > 0.5  # 3 short epochs on digits; far above chance (0.1)
+    m = json.loads((root / "metrics.json").read_text())
+    assert m["best_val_accuracy"] == result.best_val_accuracy and m["steps"] == result.steps
+    assert m["scaled_lr"] == pytest.approx(0.004 * 32 / 256)  # linear scaling rule to the effective batch
+    rows = list(csv.DictReader((root / "reports" / "steps.csv").open()))
+    assert {"train_loss", "lr", "grad_norm", "images_per_s", "data_wait_fraction"} <= rows[0].keys()
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] < max(lrs)  # warmup
+    assert lrs[-1] == pytest.approx(0.1 * 0.004 * 32 / 256, rel=0.05)  # cosine to the 10% floor
+    epochs = list(csv.DictReader((root / "reports" / "epochs.csv").open()))
+    assert len(epochs) == 3
+    best = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)
+    assert best["val_accuracy"] == max(float(e["val_accuracy"]) for e in epochs)
+    assert best["index"]["classes"] == [str(i) for i in range(10)]
+    assert (root / "reports" / "curves.png").stat().st_size > 10_000
+    params = json.loads((root / "reports" / "events.jsonl").read_text().splitlines()[0])["params"]
+    for key in ("git_sha", "environment_hash", "shard_index_sha256", "split_manifest_sha256", "scaled_lr"):
+        assert params[key] is not None, key
+
+
+def test_same_seed_gives_bitwise_identical_weights(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    cfg = TrainConfig(**{**FAST, "epochs": 1})
+    loop.run(cfg, train_paths(p, tmp_path / "a"))
+    loop.run(cfg, train_paths(p, tmp_path / "b"))
+    loop.run(TrainConfig(**{**FAST, "epochs": 1, "seed": 1}), train_paths(p, tmp_path / "c"))
+    a, b, c = (weights(tmp_path / x / "models" / "last.pt") for x in "abc")
+    assert same(a, b)
+    assert not same(a, c)  # the seed matters: the test can fail
+
+
+def _params_file(p, root: Path, train: dict) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["paths"].update({k: str(v) for k, v in train_paths(p, root).model_dump().items()})
+    params["train"] = {**params["train"], **train}
+    f = root / "params.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    f.write_text(yaml.safe_dump(params))
+    return f
+
+
+def _env():
+    return {**os.environ, "KEEL_TRACKING": "off", "PYTHONPATH": str(REPO)}
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(reference, digits_pipeline, tmp_path):
+    cfg, ref_root, _ = reference
+    p, *_ = digits_pipeline
+    params = _params_file(p, tmp_path, {**FAST, "epochs": 3})
+    cmd = [sys.executable, "-m", "tasks.cli", "train", "--params", str(params)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = tmp_path / "models" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "resuming at step" in r.stderr
+    assert same(weights(last), weights(ref_root / "models" / "last.pt"))
+    assert same(weights(tmp_path / "models" / "best.pt"), weights(ref_root / "models" / "best.pt"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(digits_pipeline, tmp_path):
+    # convnext_atto uses LayerNorm: no batch statistics, so 2 x 16 and 1 x 32 are the same computation
+    # (BatchNorm models get SyncBatchNorm on CUDA; gloo on CPU has no SyncBatchNorm)
+    p, *_ = digits_pipeline
+    common = {**FAST, "model": "convnext_atto", "epochs": 1, "max_steps": 12, "log_every_steps": 1,
+              "deterministic": True}
+    one = _params_file(p, tmp_path / "one", {**common, "batch_size": 32, "devices": 1})
+    two = _params_file(p, tmp_path / "two", {**common, "batch_size": 16, "devices": 2})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    for f, n in ((one, 1), (two, 2)):
+        r = subprocess.run([*torchrun, f"--nproc_per_node={n}", "-m", "tasks.cli", "train", "--params", str(f)],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+    trace = {k: [float(row["train_loss"]) for row in csv.DictReader((tmp_path / k / "reports/steps.csv").open())]
+             for k in ("one", "two")}
+    assert len(trace["one"]) == len(trace["two"]) == 12
+    assert trace["one"] == pytest.approx(trace["two"], rel=1e-4, abs=1e-5)
+    assert trace["one"][0] != pytest.approx(trace["one"][-1], rel=1e-3)  # the loss moved: the test can fail
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["effective_batch"] == 32
+
+
+def test_never_opens_the_test_split(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    shards = tmp_path / "shards"
+    shutil.copytree(p.shards_dir, shards)
+    for f in io.ShardIndex.load(shards).splits["test"]:
+        (shards / f.file).write_bytes(b"not parquet")  # any read of the test split would fail
+    q = train_paths(p, tmp_path).model_copy(update={"shards_dir": str(shards)})
+    assert loop.run(TrainConfig(**{**FAST, "epochs": 1, "max_steps": 3}), q).steps == 3
+
+
+def test_bad_params_fail_before_any_work(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    q = train_paths(p, tmp_path)
+    with pytest.raises(ModelConfigError, match=r"train.model: unknown timm model 'resnet1000'"):
+        loop.run(TrainConfig(**{**FAST, "model": "resnet1000"}), q)
+    with pytest.raises(loop.TrainError, match=r"train.batch_size=4096 .* larger than the train split \(\d+ items\)"):
+        loop.run(TrainConfig(**{**FAST, "batch_size": 4096}), q)
+    if not torch.cuda.is_available():
+        with pytest.raises(loop.TrainError, match="train.device=cuda but no CUDA device"):
+            loop.run(TrainConfig(**{**FAST, "device": "cuda"}), q)
+    with pytest.raises(loop.TrainError, match=r"train.devices=2 but the launcher started 1 process"):
+        loop.run(TrainConfig(**{**FAST, "devices": 2}), q)
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  batch_size: 24\n  effective_batch: 100\n")
+    with pytest.raises(ConfigError, match=r"train: .*effective_batch=100 is not a multiple of batch_size x devices = 24"):
+        load_params(f)
+    assert not (tmp_path / "models").exists()
+
+
+def test_gradient_accumulation_reaches_the_effective_batch(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    loop.run(TrainConfig(**{**FAST, "epochs": 1, "batch_size": 16, "effective_batch": 64}), train_paths(p, tmp_path))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["effective_batch"] == 64 and m["scaled_lr"] == pytest.approx(0.004 * 64 / 256)
+    assert m["steps"] == len(io.ShardReader(p.shards_dir, "train")) // 64
+
+
+def test_non_finite_loss_halts_with_a_clear_message(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    cfg = TrainConfig(**{**FAST, "lr": 1e12, "grad_clip": None, "warmup_steps": 0, "optimizer": "sgd"})
+    with pytest.raises(loop.TrainError, match=r"non-finite loss .* at step \d+, epoch \d+; the last good checkpoint"):
+        loop.run(cfg, train_paths(p, tmp_path))
+    assert json.loads((tmp_path / "metrics.json").read_text())["halted"].startswith("non-finite loss")
