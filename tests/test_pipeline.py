@@ -13,6 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+STAGES = ("ingest", "split", "validate", "shard", "train")
 
 
 def _env():
@@ -45,30 +46,33 @@ def clone(tmp_path_factory):
 
 
 def ran(out: str) -> set[str]:
-    return {s for s in ("ingest", "split", "validate", "shard") if f"Running stage '{s}'" in out}
+    return {s for s in STAGES if f"Running stage '{s}'" in out}
 
 
 @pytest.mark.slow
 def test_dvc_repro_fresh_then_noop_then_params_change(clone):
     r = sh(["dvc", "repro"], clone)
-    assert ran(r.stdout) == {"ingest", "split", "validate", "shard"}, r.stdout + r.stderr
+    assert ran(r.stdout) == set(STAGES), r.stdout + r.stderr
     assert "found 1797 = ingested 1797 + rejected 0" in r.stdout
     index = json.loads((clone / "data/shards/index.json").read_text())
     assert index["resolution"] == 32 and sum(f["rows"] for f in index["splits"]["train"]) > 1000
     for f in ("reports/audit/audit.json", "reports/audit/contact_sheet.png", "reports/leakage.json",
-              "reports/validate/summary.json", "data/split/manifest.parquet.sha256", "dvc.lock"):
+              "reports/validate/summary.json", "data/split/manifest.parquet.sha256", "dvc.lock",
+              "models/best.pt", "models/last.pt", "reports/train/curves.png", "mlruns/mlflow.db"):
         assert (clone / f).exists(), f
+    train = json.loads((clone / "metrics/train.json").read_text())
+    assert train["best_val_accuracy"] > 0.9, train  # the digits default: about 0.98 after 8 epochs
     manifest_sha = (clone / "data/split/manifest.parquet.sha256").read_text()
 
     r = sh(["dvc", "repro"], clone)
     assert ran(r.stdout) == set(), r.stdout
-    assert r.stdout.count("didn't change, skipping") == 4, r.stdout
+    assert r.stdout.count("didn't change, skipping") == len(STAGES), r.stdout
 
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["shard"]["resolution"] = 16
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = sh(["dvc", "repro"], clone)
-    assert ran(r.stdout) == {"shard"}, r.stdout
+    assert ran(r.stdout) == {"shard", "train"}, r.stdout  # and not ingest, split or validate
     assert json.loads((clone / "data/shards/index.json").read_text())["resolution"] == 16
     assert (clone / "data/split/manifest.parquet.sha256").read_text() == manifest_sha
 

@@ -48,7 +48,7 @@ def reference(digits_pipeline, tmp_path_factory):
 
 
 def test_trains_and_writes_its_outputs(reference):
-    cfg, root, result = reference
+    _cfg, root, result = reference
     assert result.best_val_accuracy > 0.5  # 3 short epochs on digits; far above chance (0.1)
     m = json.loads((root / "metrics.json").read_text())
     assert m["best_val_accuracy"] == result.best_val_accuracy and m["steps"] == result.steps
@@ -95,7 +95,7 @@ def _env():
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(reference, digits_pipeline, tmp_path):
-    cfg, ref_root, _ = reference
+    _cfg, ref_root, _ = reference
     p, *_ = digits_pipeline
     params = _params_file(p, tmp_path, {**FAST, "epochs": 3})
     cmd = [sys.executable, "-m", "tasks.cli", "train", "--params", str(params)]
