@@ -132,7 +132,7 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
-    augment: Literal["none", "flip_crop", "randaugment"] = "flip_crop"
+    augment: Literal["none", "flip_crop"] = Field("flip_crop", description="on-device random crop (reflect pad) + flip")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 decay; validation uses the EMA")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False

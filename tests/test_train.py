@@ -181,3 +181,118 @@ def test_non_finite_loss_halts_with_a_clear_message(digits_pipeline, tmp_path):
     with pytest.raises(loop.TrainError, match=r"non-finite loss .* at step \d+, epoch \d+; the last good checkpoint"):
         loop.run(cfg, train_paths(p, tmp_path))
     assert json.loads((tmp_path / "metrics.json").read_text())["halted"].startswith("non-finite loss")
+
+
+def test_mixup_cutmix_run_and_stay_deterministic(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "max_steps": 8, "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1})
+    loop.run(cfg, train_paths(p, tmp_path / "a"))
+    loop.run(cfg, train_paths(p, tmp_path / "b"))
+    assert same(weights(tmp_path / "a/models/last.pt"), weights(tmp_path / "b/models/last.pt"))
+    with pytest.raises(loop.TrainError, match="must be even for Mixup"):
+        loop.run(TrainConfig(**{**FAST, "batch_size": 31, "mixup": 0.2}), train_paths(p, tmp_path / "c"))
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_matches(reference, digits_pipeline, tmp_path):
+    _cfg, ref_root, _ = reference
+    p, *_ = digits_pipeline
+    params = _params_file(p, tmp_path, {**FAST, "epochs": 3})
+    cmd = [sys.executable, "-m", "tasks.cli", "train", "--params", str(params)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "reports" / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for a few logged steps, then SIGTERM
+        if events.exists() and events.read_text().count('"kind": "metrics"') >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    ck = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=False)
+    assert ck["state"]["next_batch"] > 0 and ck["state"]["epoch"] == 0  # a mid-epoch checkpoint
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "resuming at step" in r.stderr, r.stderr
+    assert same(weights(tmp_path / "models" / "last.pt"), weights(ref_root / "models" / "last.pt"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_rendezvous_on_loopback(digits_pipeline, tmp_path):
+    """Two torchrun launches (--nnodes=2, c10d rendezvous on 127.0.0.1) train as one job of world size 2."""
+    p, *_ = digits_pipeline
+    common = {**FAST, "model": "convnext_atto", "epochs": 1, "max_steps": 6, "log_every_steps": 1}
+    one = _params_file(p, tmp_path / "one", {**common, "batch_size": 32, "devices": 1})
+    two = _params_file(p, tmp_path / "two", {**common, "batch_size": 16, "devices": 1})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        "-m", "tasks.cli", "train", "--params", str(one)], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, check=False, timeout=600)
+    assert r.returncode == 0, r.stderr
+    port = _free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=keel-test",
+              "-m", "tasks.cli", "train", "--params", str(two)]
+    nodes = [subprocess.Popen(launch, cwd=REPO, env={**_env(), "GLOO_SOCKET_IFNAME": "lo"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        outs = [n.communicate(timeout=600)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(outs)
+    trace = {k: [float(row["train_loss"]) for row in csv.DictReader((tmp_path / k / "reports/steps.csv").open())]
+             for k in ("one", "two")}
+    assert trace["two"] == pytest.approx(trace["one"], rel=1e-4, abs=1e-5)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["effective_batch"] == 32
+
+
+def _five_class_source_checkpoint(p, path: Path) -> dict:
+    """A locally produced 'pretrained' checkpoint: resnet10t trained briefly on digits 0-4 only (5 classes)."""
+    from tasks.train.data import DeviceSplit, Normalize
+    from tasks.train.model import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model(TrainConfig(model="resnet10t"), 5, 3, 32)
+    split = DeviceSplit(p.shards_dir, "train", torch.device("cpu"))
+    index = io.ShardIndex.load(p.shards_dir)
+    keep = split.y < 5
+    x, y = Normalize(index.mean, index.std)(split.x[keep][:256]), split.y[keep][:256]
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"model": model.state_dict()}, path)
+    return {k: v.clone() for k, v in model.named_parameters()}
+
+
+def test_transfer_from_a_local_checkpoint_in_two_phases(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    src = _five_class_source_checkpoint(p, tmp_path / "source.pt")
+    base = {**FAST, "pretrained": "checkpoint", "init_checkpoint": str(tmp_path / "source.pt"),
+            "freeze_backbone_epochs": 1, "unfreeze_top_blocks": 1, "backbone_lr_factor": 0.1, "max_steps": None}
+    # phase 1 only: the backbone is frozen, the new 10-class head trains
+    loop.run(TrainConfig(**{**base, "epochs": 1}), train_paths(p, tmp_path / "p1"))
+    after = weights(tmp_path / "p1/models/last.pt")
+    params = json.loads((tmp_path / "p1/reports/events.jsonl").read_text().splitlines()[0])["params"]
+    assert params["init"]["loaded_tensors"] > 50
+    assert "fc.weight" in params["init"]["skipped_tensors"]  # 5-class head not loaded into the 10-class model
+    assert params["backbone_lr"] == pytest.approx(0.1 * params["scaled_lr"])
+    backbone = [k for k in src if not k.startswith("fc.")]
+    assert all(torch.equal(after[k], src[k]) for k in backbone)
+    assert after["fc.weight"].shape == (10, 512)
+    # both phases: phase 2 unfreezes only the top block group, at the lower backbone LR
+    loop.run(TrainConfig(**{**base, "epochs": 2}), train_paths(p, tmp_path / "p2"))
+    both = weights(tmp_path / "p2/models/last.pt")
+    events = (tmp_path / "p2/reports/events.jsonl").read_text()
+    assert '"name": "phase_2"' in events
+    assert torch.equal(both["conv1.0.weight"], src["conv1.0.weight"])  # the stem stays frozen
+    assert not torch.equal(both["layer4.0.conv2.weight"], src["layer4.0.conv2.weight"])  # the top block trained

@@ -139,9 +139,13 @@ def evaluate(model: torch.nn.Module, norm: torch.nn.Module, split: tdata.DeviceS
 # ---------------------------------------------------------------- the stage
 def run(cfg: TrainConfig, paths: Paths, logger: MetricLogger | None = None) -> TrainResult:
     world, rank, local_rank = _dist_env()
-    if world != cfg.devices:
-        raise TrainError(f"train.devices={cfg.devices} but the launcher started {world} process(es); "
-                         "launch with `torchrun --nproc_per_node=${train.devices}` (dvc.yaml does)")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # processes on this node (torchrun sets it)
+    if local_world != cfg.devices:
+        raise TrainError(f"train.devices={cfg.devices} but the launcher started {local_world} process(es) on this "
+                         "node; launch with `torchrun --nproc_per_node=${train.devices}` (dvc.yaml does)")
+    if cfg.effective_batch is not None and cfg.effective_batch % (cfg.batch_size * world):
+        raise TrainError(f"train.effective_batch={cfg.effective_batch} is not a multiple of batch_size x world size "
+                         f"= {cfg.batch_size} x {world}")
     device = _device(cfg, local_rank)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -195,6 +199,15 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     sched = sched_cls(opt, t_initial=total_steps, lr_min=floor, warmup_t=cfg.warmup_steps,
                       warmup_lr_init=floor * 0.1, t_in_epochs=False, **extra)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        if cfg.batch_size % 2:
+            raise TrainError(f"train.batch_size={cfg.batch_size} must be even for Mixup/CutMix (timm pairs samples)")
+        # label smoothing moves into the soft targets; timm's Mixup draws from NumPy's RNG (seeded, checkpointed)
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                         num_classes=len(index.classes))
     precision = _precision(cfg, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -263,7 +276,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     def on_sigterm(signum, frame):  # checkpoint at the next step boundary, then exit
         stop_requested["sig"] = signum
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if master or world == 1 else None
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)  # every rank: the stop is agreed at a step boundary
 
     def checkpoint(path: Path, extra_state: dict) -> None:
         if not master:
@@ -297,6 +310,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 if i >= usable or state["step"] >= total_steps:
                     break
                 x = norm(x)
+                target = y
+                if mixup_fn is not None:
+                    x, target = mixup_fn(x, y)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if device.type == "cuda":
@@ -308,7 +324,10 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 with sync_ctx:
                     with autocast():
                         logits = net(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        if mixup_fn is not None:  # soft targets: cross-entropy against the mixed distribution
+                            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                        else:
+                            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     scaler.scale(loss / accumulation).backward()
                 epoch_loss += float(loss.detach())
                 epoch_batches += 1
@@ -324,10 +343,13 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                     dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
                     loss_value /= world
                 loss_value = float(loss_value)
-                finite = torch.tensor([1.0 if math.isfinite(loss_value) else 0.0], device=device)
+                # one collective agrees on both "every rank's loss is finite" and "some rank got SIGTERM"
+                flags = torch.tensor([1.0 if math.isfinite(loss_value) else 0.0,
+                                      -1.0 if stop_requested["sig"] is not None else 0.0], device=device)
                 if world > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if finite.item() < 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+                agreed_stop = flags[1].item() < 0  # decided from the reduced flags, never from a local late signal
+                if flags[0].item() < 1:
                     halted = (f"non-finite loss ({loss_value}) at step {state['step']}, epoch {epoch}; the last good "
                               f"checkpoint is {last_path} (lower train.lr, check the data, or use train.grad_clip)")
                     logger.log_event("non_finite_loss", halted, state["step"])
@@ -354,11 +376,11 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                     logger.log_metrics(rec, state["step"])
                     step_log.append({"step": state["step"], **rec})
                     t_window, imgs_window, wait_window, step_time_window = now, 0, 0.0, 0.0
-                if stop_requested["sig"] is not None:
+                if agreed_stop:
                     checkpoint(last_path, {})
                     logger.log_event("sigterm", f"stopped at step {state['step']}; checkpoint {last_path}",
                                      state["step"])
-                    raise SystemExit(128 + stop_requested["sig"])
+                    raise SystemExit(128 + signal.SIGTERM)
                 t_fetch = time.perf_counter()
             if halted:
                 break
@@ -402,8 +424,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             if state["stopped_early"]:
                 break
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        signal.signal(signal.SIGTERM, old_handler)
 
     if master:
         _write_outputs(paths, state, run_info, step_log, halted)
