@@ -296,3 +296,14 @@ def test_transfer_from_a_local_checkpoint_in_two_phases(digits_pipeline, tmp_pat
     assert '"name": "phase_2"' in events
     assert torch.equal(both["conv1.0.weight"], src["conv1.0.weight"])  # the stem stays frozen
     assert not torch.equal(both["layer4.0.conv2.weight"], src["layer4.0.conv2.weight"])  # the top block trained
+
+
+def test_corrupt_train_shard_fails_with_its_path(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    shards = tmp_path / "shards"
+    shutil.copytree(p.shards_dir, shards)
+    f = shards / io.ShardIndex.load(shards).splits["train"][0].file
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    q = train_paths(p, tmp_path).model_copy(update={"shards_dir": str(shards)})
+    with pytest.raises(io.DataError, match=r"train/shard-00000.parquet: checksum mismatch \(index [0-9a-f]{12}…"):
+        loop.run(TrainConfig(**FAST), q)

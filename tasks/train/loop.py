@@ -160,6 +160,14 @@ def run(cfg: TrainConfig, paths: Paths, logger: MetricLogger | None = None) -> T
 def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     seed_everything(cfg.seed, cfg.deterministic)
     index = io.ShardIndex.load(paths.shards_dir)
+    need = (index.rows("train") + index.rows("val")) * index.resolution**2 * index.channels
+    budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 8 << 30)
+    if need > budget:
+        # the device-resident path is the fast one for sets that fit (CIFAR-10 at 32 px is 150 MB); a streaming
+        # loader for larger sets is not built yet: say so rather than thrash or run out of memory mid-epoch
+        raise TrainError(f"{paths.shards_dir}: train+val images need {need / 2**30:.1f} GiB as uint8, over the "
+                         f"{budget / 2**30:.1f} GiB budget for device-resident data; lower shard.resolution or "
+                         "train on a subset (a streaming loader for larger sets is not available yet)")
     train_data = tdata.DeviceSplit(paths.shards_dir, "train", device)
     val_data = tdata.DeviceSplit(paths.shards_dir, "val", device)
     norm = tdata.Normalize(index.mean, index.std).to(device)
