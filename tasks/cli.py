@@ -26,6 +26,9 @@ STAGES = {
              "batch with warmup and a floored schedule, clipping, accumulation, mixed precision, EMA; logs loss, "
              "LR, grad norm and throughput; detects intervention signals; keeps best and last checkpoints and "
              "resumes from the last after a crash. Launch under torchrun for several devices.",
+    "preflight": "Pre-flight checks of the train stage on the train split: initial loss close to ln(classes), the "
+                 "model overfits a few hundred examples, the input pipeline is faster than a step; prints a table "
+                 "with evidence and writes reports/preflight_train.json.",
 }
 
 
@@ -67,12 +70,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "shard":
             from tasks import shard
             shard.run(params.shard, params.paths)
-        elif args.stage == "train":
+        elif args.stage in ("train", "preflight"):
+            import os
+
+            from tasks import preflight
             from tasks.train import loop
             from tasks.train.model import ModelConfigError
 
             try:
-                loop.run(params.train, params.paths, logger=_tracker(params, args.stage))
+                if args.stage == "preflight" or (params.train.preflight and os.environ.get("RANK", "0") == "0"):
+                    report = preflight.run(params.train, params.paths)
+                    if not report.passed:
+                        failed = [i.name for i in report.items if i.status == "fail"]
+                        raise DataError(f"preflight failed: {', '.join(failed)} (see the table above and "
+                                        f"{params.paths.train_plots_dir}/../preflight_train.json)")
+                if args.stage == "train":
+                    loop.run(params.train, params.paths, logger=_tracker(params, args.stage))
             except (loop.TrainError, ModelConfigError) as exc:
                 raise DataError(str(exc)) from None
     except user_errors as exc:

@@ -146,6 +146,7 @@ class TrainConfig(_Section):
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     log_every_steps: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (smoke runs)")
+    preflight: bool = Field(False, description="run `keel preflight` checks before training; stop if one fails")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
