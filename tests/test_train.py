@@ -307,3 +307,16 @@ def test_corrupt_train_shard_fails_with_its_path(digits_pipeline, tmp_path):
     q = train_paths(p, tmp_path).model_copy(update={"shards_dir": str(shards)})
     with pytest.raises(io.DataError, match=r"train/shard-00000.parquet: checksum mismatch \(index [0-9a-f]{12}…"):
         loop.run(TrainConfig(**FAST), q)
+
+
+def test_bf16_channels_last_and_ema_paths_run_on_cpu(digits_pipeline, tmp_path):
+    # the GPU recipe's code paths (autocast bf16, channels_last, EMA, grad checkpointing), exercised on the CPU
+    p, *_ = digits_pipeline
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "max_steps": 4, "precision": "bf16", "channels_last": True,
+                         "ema_decay": 0.9, "grad_checkpointing": True})
+    r = loop.run(cfg, train_paths(p, tmp_path))
+    assert r.steps == 4
+    params = json.loads((tmp_path / "reports/events.jsonl").read_text().splitlines()[0])["params"]
+    assert params["precision"] == "bf16"
+    with pytest.raises(loop.TrainError, match="fp16 needs a CUDA device"):
+        loop.run(TrainConfig(**{**FAST, "precision": "fp16", "device": "cpu"}), train_paths(p, tmp_path / "x"))
