@@ -479,8 +479,12 @@ def _csv(rows: list[dict], cols: list[str]) -> str:
 def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
     import io as _io
 
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a GPU node with torch + timm + pyarrow only: the CSVs carry the same curves
+        print("train: matplotlib not installed; skipping curves.png (steps.csv/epochs.csv are written)",
+              file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
