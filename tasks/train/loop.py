@@ -306,6 +306,10 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             if transfer and phase == 1 and epoch >= cfg.freeze_backbone_epochs:
                 phase = 2
                 tmodel.set_phase(model, 2, cfg.unfreeze_top_blocks)
+                if world > 1:  # DDP hooks only the parameters that required grad when it was built: re-wrap
+                    net = DDP(model, find_unused_parameters=True)
+                    if cfg.compile:
+                        net = torch.compile(net)
                 logger.log_event("phase_2", f"backbone unfrozen ({cfg.unfreeze_top_blocks or 'all'} groups) at "
                                  f"LR x{cfg.backbone_lr_factor}", state["step"])
             net.train()
