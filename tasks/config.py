@@ -146,6 +146,9 @@ class TrainConfig(_Section):
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     log_every_steps: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (smoke runs)")
+    data: Literal["auto", "device", "stream"] = Field(
+        "auto", description="device: whole split on the device; stream: shards read each epoch by workers")
+    loader_workers: int = Field(2, ge=0, description="worker processes of the streaming loader")
     preflight: bool = Field(False, description="run `keel preflight` checks before training; stop if one fails")
 
     @model_validator(mode="after")

@@ -320,3 +320,45 @@ def test_bf16_channels_last_and_ema_paths_run_on_cpu(digits_pipeline, tmp_path):
     assert params["precision"] == "bf16"
     with pytest.raises(loop.TrainError, match="fp16 needs a CUDA device"):
         loop.run(TrainConfig(**{**FAST, "precision": "fp16", "device": "cpu"}), train_paths(p, tmp_path / "x"))
+
+
+@pytest.fixture(scope="module")
+def many_shards(digits_pipeline, tmp_path_factory):
+    """The digits splits cut into 200-row shards (8 train shards), for the streaming loader."""
+    from tasks import shard
+    from tasks.config import ShardConfig
+
+    p, *_ = digits_pipeline
+    q = p.model_copy(update={"shards_dir": str(tmp_path_factory.mktemp("many") / "shards")})
+    shard.run(ShardConfig(shard_rows=200, row_group_rows=100, workers=1), q)
+    return q
+
+
+def test_stream_epoch_covers_the_split_without_repeats(many_shards):
+    from tasks.train.data import StreamSplit
+
+    s = StreamSplit(many_shards.shards_dir, "train", torch.device("cpu"), workers=2)
+    assert len(s.files) >= 7
+
+    def epoch_labels(seed, epoch):
+        return [b[1] for b in s.epoch(64, seed, epoch)]
+
+    batches = epoch_labels(0, 0)
+    assert len(batches) >= s.batches_per_epoch(64)
+    seen = torch.cat([torch.cat([x.flatten(1) for x, _ in s.epoch(64, 0, 0)])])
+    assert len(torch.unique(seen, dim=0)) == len(seen)  # no image twice in an epoch
+    assert len(seen) >= s.n - 2 * 64  # at most one partial batch dropped per worker
+    again = epoch_labels(0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # deterministic for (seed, epoch, workers)
+    other = epoch_labels(0, 1)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other))  # reshuffled every epoch
+
+
+def test_stream_mode_trains_deterministically(many_shards, tmp_path):
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "data": "stream", "loader_workers": 2, "max_steps": 20})
+    ra = loop.run(cfg, train_paths(many_shards, tmp_path / "a"))
+    loop.run(cfg, train_paths(many_shards, tmp_path / "b"))
+    assert ra.steps == 20
+    assert same(weights(tmp_path / "a/models/last.pt"), weights(tmp_path / "b/models/last.pt"))
+    params = json.loads((tmp_path / "a/reports/events.jsonl").read_text().splitlines()[0])["params"]
+    assert params["data_mode"] == "stream"

@@ -91,3 +91,77 @@ def iterate_epoch(split: DeviceSplit, per_device_batch: int, world: int, rank: i
 
 def steps_per_epoch(n: int, per_device_batch: int, world: int, accumulation: int) -> int:
     return (n // (per_device_batch * world)) // accumulation
+
+
+# ---------------------------------------------------------------- streaming (sets that do not fit on the device)
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Global batches of uint8 HWC images streamed from parquet shards, for one epoch.
+
+    Shard order is a seeded permutation per epoch; worker k reads shards k, k+W, ... of that order, shuffles the
+    rows of each shard, and carries leftovers into its next shard. The DataLoader returns the workers' batches in
+    round-robin order, so the sequence depends only on (seed, epoch, workers): every DDP rank builds the same global
+    batches and takes its own slice, exactly as with device-resident data.
+    """
+
+    def __init__(self, shards_dir: str, files: list[str], hwc: tuple[int, int, int], global_batch: int, seed: int,
+                 epoch: int):
+        super().__init__()
+        self.dir, self.files, self.hwc, self.gb, self.seed, self.epoch = shards_dir, files, hwc, global_batch, seed, epoch
+
+    def __iter__(self):
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        info = torch.utils.data.get_worker_info()
+        k, w = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = torch.randperm(len(self.files), generator=_generator(self.seed, self.epoch, 0)).tolist()
+        xs, ys = np.zeros((0, *self.hwc), np.uint8), np.zeros(0, np.int64)
+        for j in order[k::w]:
+            t = pq.read_table(f"{self.dir}/{self.files[j]}", columns=["image", "label"])
+            x = io.decode_image_column(t.column("image"), self.hwc)
+            y = t.column("label").to_numpy().astype(np.int64)
+            perm = torch.randperm(len(y), generator=_generator(self.seed, self.epoch, 1_000 + j)).numpy()
+            xs, ys = np.concatenate([xs, x[perm]]), np.concatenate([ys, y[perm]])
+            while len(ys) >= self.gb:
+                yield torch.from_numpy(xs[:self.gb].copy()), torch.from_numpy(ys[:self.gb].copy())
+                xs, ys = xs[self.gb:], ys[self.gb:]
+
+
+class StreamSplit:
+    """The train split read from its shards each epoch with worker processes, pinned memory and prefetching."""
+
+    def __init__(self, shards_dir: str, split: str, device: torch.device, workers: int):
+        reader = io.ShardReader(shards_dir, split)  # verifies checksums once; refuses the test split
+        self.dir, self.device, self.workers = shards_dir, device, workers
+        self.files = [f.file for f in reader.files]
+        self.n = len(reader)
+        ix = reader.index
+        self.hwc = (ix.resolution, ix.resolution, ix.channels)
+
+    def batches_per_epoch(self, global_batch: int) -> int:
+        # each worker may drop up to one partial batch: a lower bound that holds for every epoch's shard order
+        return max(0, self.n // global_batch - max(1, self.workers))
+
+    def epoch(self, global_batch: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
+        ds = _ShardStream(self.dir, self.files, self.hwc, global_batch, seed, epoch)
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.workers,
+                                           pin_memory=self.device.type == "cuda",
+                                           prefetch_factor=4 if self.workers else None,
+                                           persistent_workers=False)
+
+
+def iterate_stream(split: StreamSplit, per_device_batch: int, world: int, rank: int, seed: int, epoch: int,
+                   augment: str, start_batch: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    gb = per_device_batch * world
+    size = split.hwc[0]
+    pad = max(1, size // 8)
+    sl = slice(rank * per_device_batch, (rank + 1) * per_device_batch)
+    for i, (xb, yb) in enumerate(split.epoch(gb, seed, epoch)):
+        if i < start_batch:
+            continue
+        x = xb[sl].to(split.device, non_blocking=True).permute(0, 3, 1, 2)
+        y = yb[sl].to(split.device, non_blocking=True)
+        if augment == "flip_crop":
+            p = augment_params(gb, size, seed, epoch, i, pad)
+            x = flip_crop(x, p["dy"][sl], p["dx"][sl], p["flip"][sl], pad)
+        yield i, x.float(), y

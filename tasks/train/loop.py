@@ -162,13 +162,15 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     index = io.ShardIndex.load(paths.shards_dir)
     need = (index.rows("train") + index.rows("val")) * index.resolution**2 * index.channels
     budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 8 << 30)
-    if need > budget:
-        # the device-resident path is the fast one for sets that fit (CIFAR-10 at 32 px is 150 MB); a streaming
-        # loader for larger sets is not built yet: say so rather than thrash or run out of memory mid-epoch
-        raise TrainError(f"{paths.shards_dir}: train+val images need {need / 2**30:.1f} GiB as uint8, over the "
-                         f"{budget / 2**30:.1f} GiB budget for device-resident data; lower shard.resolution or "
-                         "train on a subset (a streaming loader for larger sets is not available yet)")
-    train_data = tdata.DeviceSplit(paths.shards_dir, "train", device)
+    # device-resident data is the fast path when it fits (CIFAR-10 at 32 px is 150 MB); larger sets stream
+    mode = cfg.data if cfg.data != "auto" else ("device" if need <= budget else "stream")
+    if mode == "device" and need > budget:
+        raise TrainError(f"train.data=device: train+val images need {need / 2**30:.1f} GiB as uint8, over the "
+                         f"{budget / 2**30:.1f} GiB device budget; use train.data: stream (or auto)")
+    if mode == "stream":
+        train_data = tdata.StreamSplit(paths.shards_dir, "train", device, cfg.loader_workers)
+    else:
+        train_data = tdata.DeviceSplit(paths.shards_dir, "train", device)
     val_data = tdata.DeviceSplit(paths.shards_dir, "val", device)
     norm = tdata.Normalize(index.mean, index.std).to(device)
 
@@ -176,7 +178,10 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     if cfg.effective_batch is not None:
         accumulation = cfg.effective_batch // (cfg.batch_size * world)
     effective = cfg.batch_size * world * accumulation
-    steps_per_epoch = tdata.steps_per_epoch(train_data.n, cfg.batch_size, world, accumulation)
+    if mode == "stream":
+        steps_per_epoch = train_data.batches_per_epoch(cfg.batch_size * world) // accumulation
+    else:
+        steps_per_epoch = tdata.steps_per_epoch(train_data.n, cfg.batch_size, world, accumulation)
     if steps_per_epoch == 0:
         raise TrainError(f"train.batch_size={cfg.batch_size} x devices {world} x accumulation {accumulation} = "
                          f"{effective} is larger than the train split ({train_data.n} items)")
@@ -267,7 +272,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     else:
         logger = NullLogger()
     git = lineage.git_state()
-    run_info = {"config": cfg.model_dump(mode="json"), "world_size": world, "accumulation": accumulation,
+    run_info = {"config": cfg.model_dump(mode="json"), "data_mode": mode, "world_size": world, "accumulation": accumulation,
                 "effective_batch": effective, "scaled_lr": scaled_lr, "backbone_lr": backbone_lr,
                 "precision": precision, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "classes": index.classes, "init": init_report, "environment_hash": lineage.environment_hash(),
@@ -316,8 +321,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             epoch_loss, epoch_batches = 0.0, 0
             usable = steps_per_epoch * accumulation
             t_fetch = time.perf_counter()
-            batches = tdata.iterate_epoch(train_data, cfg.batch_size, world, rank, cfg.seed, epoch, cfg.augment,
-                                          start_batch=state["next_batch"])
+            iterate = tdata.iterate_stream if mode == "stream" else tdata.iterate_epoch
+            batches = iterate(train_data, cfg.batch_size, world, rank, cfg.seed, epoch, cfg.augment,
+                              start_batch=state["next_batch"])
             for i, x, y in batches:
                 if i >= usable or state["step"] >= total_steps:
                     break
