@@ -149,6 +149,8 @@ class TrainConfig(_Section):
     data: Literal["auto", "device", "stream"] = Field(
         "auto", description="device: whole split on the device; stream: shards read each epoch by workers")
     loader_workers: int = Field(2, ge=0, description="worker processes of the streaming loader")
+    probe_batch: bool = Field(False, description="GPU: replace batch_size by the largest that fits (optimiser "
+                              "state not counted: leave headroom)")
     preflight: bool = Field(False, description="run `keel preflight` checks before training; stop if one fails")
 
     @model_validator(mode="after")

@@ -362,3 +362,9 @@ def test_stream_mode_trains_deterministically(many_shards, tmp_path):
     assert same(weights(tmp_path / "a/models/last.pt"), weights(tmp_path / "b/models/last.pt"))
     params = json.loads((tmp_path / "a/reports/events.jsonl").read_text().splitlines()[0])["params"]
     assert params["data_mode"] == "stream"
+
+
+def test_probe_batch_on_cpu_keeps_the_configured_batch(digits_pipeline, tmp_path, capfd):
+    p, *_ = digits_pipeline
+    r = loop.run(TrainConfig(**{**FAST, "epochs": 1, "max_steps": 2, "probe_batch": True}), train_paths(p, tmp_path))
+    assert r.steps == 2 and "probe_batch needs a CUDA device" in capfd.readouterr().err

@@ -174,6 +174,8 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     val_data = tdata.DeviceSplit(paths.shards_dir, "val", device)
     norm = tdata.Normalize(index.mean, index.std).to(device)
 
+    if cfg.probe_batch:
+        cfg = _probe_batch(cfg, index, device, world, master)
     accumulation = 1
     if cfg.effective_batch is not None:
         accumulation = cfg.effective_batch // (cfg.batch_size * world)
@@ -451,6 +453,40 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         raise TrainError(halted)
     return TrainResult(state["best_val_accuracy"], state["best_val_loss"], state["best_epoch"], state["step"],
                        state["epoch"], state["stopped_early"], resumed_from)
+
+
+def _probe_batch(cfg: TrainConfig, index, device: torch.device, world: int, master: bool) -> TrainConfig:
+    """Replace train.batch_size by the largest per-device batch that fits (CUDA only; agreed across ranks)."""
+    from tasks.train import probe
+
+    if device.type != "cuda":
+        if master:
+            print("train: probe_batch needs a CUDA device (a CPU has no out-of-memory signal); keeping "
+                  f"batch_size={cfg.batch_size}", file=sys.stderr)
+        return cfg
+    model, _ = tmodel.build_model(cfg.model_copy(update={"pretrained": "none"}), len(index.classes),
+                                  index.channels, index.resolution)
+    model.to(device).train()
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg, device))
+
+    def step(b: int) -> None:
+        x = torch.randn(b, index.channels, index.resolution, index.resolution, device=device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            model(x).float().logsumexp(1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    found = probe.fit_to_effective(probe.largest_batch(step), cfg.effective_batch, world)
+    model.to("cpu")  # give the probe's memory back before the real model is built
+    torch.cuda.empty_cache()
+    agreed = torch.tensor([found], device=device)
+    if world > 1:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if master:
+        print(f"train: probe_batch: largest per-device batch that fits is {int(agreed)} "
+              f"(was {cfg.batch_size})", file=sys.stderr)
+    return cfg.model_copy(update={"batch_size": int(agreed)})
 
 
 class _null:
