@@ -507,18 +507,9 @@ def _has_gpu() -> bool:
 
 
 def git_info() -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
-                               check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout.strip() if r.returncode == 0 else None
+    from tasks.lineage import code_version
 
-    dirty = git("status", "--porcelain", "--", "tasks")
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "tasks_dirty": None if dirty is None else bool(dirty),
-            "tasks_changes": dirty.splitlines() if dirty else []}
+    return code_version(REPO)
 
 
 def versions() -> dict:

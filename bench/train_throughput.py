@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -362,16 +361,9 @@ def machine_info(device: torch.device) -> dict:
 
 
 def git_info() -> dict:
-    def git(*a: str) -> str | None:
-        try:
-            r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout.strip() if r.returncode == 0 else None
+    from tasks.lineage import code_version
 
-    dirty = git("status", "--porcelain", "--", "tasks")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "tasks_dirty": None if dirty is None else bool(dirty),
-            "tasks_changes": dirty.splitlines() if dirty else []}
+    return code_version(REPO)
 
 
 def versions() -> dict:

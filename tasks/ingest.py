@@ -140,10 +140,10 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
     progress = _Progress(len(cands))
     with io.atomic_dir(paths.raw_items) as tmp_dir:
         writer = _PartWriter(tmp_dir, cfg.part_rows)
-        chunks = chunked(todo, 64)
+        # the same chunking twice: one stream goes to the workers, the other pairs each result with its candidates
         for chunk, results in zip(chunked(todo, 64),
-                                  bounded_map(_process_chunk, chunks, cfg.workers, initializer=_init_worker,
-                                              initargs=(decode_kwargs, cfg.s3_endpoint))):
+                                  bounded_map(_process_chunk, chunked(todo, 64), cfg.workers,
+                                              initializer=_init_worker, initargs=(decode_kwargs, cfg.s3_endpoint))):
             for c, (row, rej) in zip(chunk, results):
                 if rej is not None:
                     reject(c, *rej)
@@ -159,8 +159,9 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
             progress.update(ingested + len(rejects), ingested, len(rejects))
         writer.close()
         if ingested == 0:
+            _write_rejects(paths.rejects, rejects)  # the reasons are the useful part of this failure
             raise io.DataError(f"ingest: none of the {len(cands)} items from {cfg.source} could be ingested; "
-                               f"see the reasons in {paths.rejects}" + _write_rejects_now(paths, rejects))
+                               f"see the reasons in {paths.rejects}")
     _write_rejects(paths.rejects, rejects)
     progress.update(len(cands), ingested, len(rejects), force=True)
     assert ingested + len(rejects) == len(cands), "ingest account does not balance"
@@ -180,11 +181,6 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
 def _write_rejects(path: str, rejects: list[dict]) -> None:
     table = pa.Table.from_pylist(rejects, schema=io.REJECT_SCHEMA) if rejects else io.REJECT_SCHEMA.empty_table()
     io.write_table(path, table)
-
-
-def _write_rejects_now(paths: Paths, rejects: list[dict]) -> str:
-    _write_rejects(paths.rejects, rejects)
-    return ""
 
 
 class _PartWriter:

@@ -9,17 +9,27 @@ from pathlib import Path
 from tasks import io
 
 
-def git_state(root: str | Path = ".") -> dict:
-    def git(*args: str) -> str | None:
-        try:
-            r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout.strip() if r.returncode == 0 else None
+def git(*args: str, root: str | Path = ".") -> str | None:
+    """stdout of a git command, or None when git is missing, times out or fails (e.g. not a repository)."""
+    try:
+        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
 
-    sha = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+
+def git_state(root: str | Path = ".") -> dict:
+    sha = git("rev-parse", "HEAD", root=root)
+    status = git("status", "--porcelain", "--untracked-files=no", root=root)
     return {"git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None}
+
+
+def code_version(root: str | Path = ".", under: str = "tasks") -> dict:
+    """Short commit plus uncommitted changes under ``under`` (what a benchmark figure was measured on)."""
+    dirty = git("status", "--porcelain", "--", under, root=root)
+    return {"commit": git("rev-parse", "--short", "HEAD", root=root),
+            f"{under}_dirty": None if dirty is None else bool(dirty),
+            f"{under}_changes": dirty.splitlines() if dirty else []}
 
 
 def environment_hash(root: str | Path = ".") -> str:

@@ -27,7 +27,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote, urlparse
@@ -102,20 +102,26 @@ def _as_mapping(value: Any) -> Mapping | None:
     return None
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``; pydantic models and dataclasses are expanded too.
-    Keys are made MLflow-safe; values are strings cut to MLflow's 6000-char limit."""
-    out: dict[str, str] = {}
+def _leaves(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(MLflow-safe dotted key, leaf value) pairs; pydantic models and dataclasses are expanded like dicts."""
     for k, v in params.items():
         key = f"{prefix}{k}"
         sub = _as_mapping(v)
         if sub is not None and len(sub) > 0:
-            out.update(flatten_params(sub, prefix=f"{key}."))
-            continue
-        s = _stringify(dict(sub) if sub is not None else v)
+            yield from _leaves(sub, prefix=f"{key}.")
+        else:
+            yield _sanitize_key(key), dict(sub) if sub is not None else v
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``; values are strings cut to MLflow's 6000-char
+    limit."""
+    out: dict[str, str] = {}
+    for key, v in _leaves(params):
+        s = _stringify(v)
         if len(s) > MAX_PARAM_VAL_LENGTH:
             s = s[: MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
-        out[_sanitize_key(key)] = s
+        out[key] = s
     return out
 
 
@@ -308,16 +314,9 @@ class MlflowLogger:
         return f"MlflowLogger(run_id={self.run_id!r}, uri={self.tracking_uri!r})"
 
 
-def _untruncated(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _untruncated(params: Mapping[str, Any]) -> dict[str, Any]:
     """Like ``flatten_params`` but keeps the original (JSON-able) values, for the params.json artifact."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        key = f"{prefix}{k}"
-        sub = _as_mapping(v)
-        if sub is not None and len(sub) > 0:
-            out.update(_untruncated(sub, prefix=f"{key}."))
-        elif isinstance(v, str | bool | int) or v is None or (isinstance(v, float) and math.isfinite(v)):
-            out[_sanitize_key(key)] = v
-        else:
-            out[_sanitize_key(key)] = _stringify(dict(sub) if sub is not None else v)
-    return out
+    def keep(v: Any) -> bool:
+        return isinstance(v, str | bool | int) or v is None or (isinstance(v, float) and math.isfinite(v))
+
+    return {key: v if keep(v) else _stringify(v) for key, v in _leaves(params)}

@@ -21,10 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.procs import http_ok, log_tail
 
 HOST = "127.0.0.1"
 QUIET_ENV = {
@@ -59,22 +60,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def _health(uri: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP(S)_PROXY
-    try:
-        with opener.open(f"{uri}/health", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _log_tail(log: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def group_alive(pgid: int) -> bool:
@@ -129,7 +114,7 @@ def _wait_ready(proc: subprocess.Popen, uri: str, timeout: float) -> bool:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if _health(uri):
+        if http_ok(f"{uri}/health"):
             return True
         time.sleep(0.1)
     return False
@@ -160,7 +145,7 @@ def mlflow_server(workdir: str | Path | None = None, *, startup_timeout: float =
             proc = None
         else:
             raise MlflowServerError(f"mlflow server did not become ready ({'; '.join(errors)}); log tail:\n"
-                                    + _log_tail(wd / "server.log"))
+                                    + log_tail(wd / "server.log"))
         yield MlflowServer(uri=uri, port=port, pid=proc.pid, dir=wd, log=wd / "server.log")
     finally:
         if proc is not None:

@@ -23,10 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.procs import http_ok, log_tail
 
 HOST = "127.0.0.1"
 GRPC_OFFSET = 10_000          # weed: gRPC port = HTTP port + 10000 (so HTTP ports must stay below 55535)
@@ -97,22 +98,6 @@ def free_ports(names=SERVICES, rng: random.Random | None = None) -> dict[str, in
         else:
             raise S3ServerError(f"no free port pair (P, P+{GRPC_OFFSET}) found in {PORT_RANGE} for {name}")
     return out
-
-
-def _healthz(endpoint: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP(S)_PROXY
-    try:
-        with opener.open(f"{endpoint}/healthz", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _log_tail(log: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -196,7 +181,7 @@ def seaweed_s3(workdir: str | Path | None = None, *, access_key: str = "keel-tes
             proc = None
         else:
             raise S3ServerError(f"weed mini did not become ready ({'; '.join(errors)}); log tail:\n"
-                                + _log_tail(wd / "weed.log"))
+                                + log_tail(wd / "weed.log"))
         yield S3Server(endpoint=endpoint, access_key=access_key, secret_key=secret_key, pid=proc.pid, dir=wd,
                        log=wd / "weed.log", ports=dict(ports))
     finally:
@@ -215,7 +200,7 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, key: str, secret: str, ti
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if _healthz(endpoint):
+        if http_ok(f"{endpoint}/healthz"):
             client = client or _client(endpoint, key, secret)
             # not ready yet while identities load or the filer is not yet connected
             with contextlib.suppress(Exception):

@@ -246,3 +246,17 @@ def test_real_decompression_bomb_header_is_rejected(tmp_path, paths):
     r = ingest.run(IngestConfig(source=str(tmp_path / "bomb"), workers=1), paths)
     _, rejects = _tables(paths)
     assert r.ingested == 1 and rejects["a/bomb.png"]["reason"] == "decompression_bomb"
+
+
+def test_nothing_readable_fails_but_keeps_the_reasons(tmp_path, paths):
+    from tasks.io import DataError
+
+    d = tmp_path / "bad" / "a"
+    d.mkdir(parents=True)
+    (d / "x.jpg").write_bytes(b"")
+    (d / "y.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"none of the 2 items from .*bad could be ingested; see the reasons in"):
+        ingest.run(IngestConfig(source=str(tmp_path / "bad"), workers=1), paths)
+    reasons = sorted(r["reason"] for r in pq.read_table(paths.rejects).to_pylist())
+    assert reasons == ["empty_file", "not_an_image"]
+    assert not Path(paths.raw_items).exists()  # nothing that looks like a finished raw table

@@ -5,6 +5,7 @@ plain process. Only rank 0 logs and writes; every write is atomic. Reads the tra
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from tasks import io, lineage
 from tasks.config import Paths, TrainConfig
 from tasks.train import data as tdata
 from tasks.train import model as tmodel
+from tasks.train import outputs
 from tasks.train.logger import JsonlLogger, MetricLogger, MultiLogger, NullLogger
 from tasks.train.signals import SignalMonitor
 
@@ -175,7 +177,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     norm = tdata.Normalize(index.mean, index.std).to(device)
 
     if cfg.probe_batch:
-        cfg = _probe_batch(cfg, index, device, world, master)
+        from tasks.train.probe import probe_batch
+
+        cfg = probe_batch(cfg, index, device, world, master)
     accumulation = 1
     if cfg.effective_batch is not None:
         accumulation = cfg.effective_batch // (cfg.batch_size * world)
@@ -221,6 +225,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         if cfg.batch_size % 2:
             raise TrainError(f"train.batch_size={cfg.batch_size} must be even for Mixup/CutMix (timm pairs samples)")
         # label smoothing moves into the soft targets; timm's Mixup draws from NumPy's RNG (seeded, checkpointed)
+        from timm.loss import SoftTargetCrossEntropy
+
+        soft_target_loss = SoftTargetCrossEntropy()
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                          num_classes=len(index.classes))
     precision = _precision(cfg, device)
@@ -340,12 +347,12 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 t_compute = time.perf_counter()
                 wait_window += t_compute - t_fetch
                 final_micro = (i + 1) % accumulation == 0
-                sync_ctx = net.no_sync() if (world > 1 and not final_micro and hasattr(net, "no_sync")) else _null()
+                sync_ctx = net.no_sync() if (world > 1 and not final_micro and hasattr(net, "no_sync")) else contextlib.nullcontext()
                 with sync_ctx:
                     with autocast():
                         logits = net(x)
                         if mixup_fn is not None:  # soft targets: cross-entropy against the mixed distribution
-                            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                            loss = soft_target_loss(logits.float(), target)
                         else:
                             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     scaler.scale(loss / accumulation).backward()
@@ -447,110 +454,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         signal.signal(signal.SIGTERM, old_handler)
 
     if master:
-        _write_outputs(paths, state, run_info, step_log, halted)
+        outputs.write(paths, state, run_info, step_log, halted)
         logger.close("FAILED" if halted else "FINISHED")
     if halted:
         raise TrainError(halted)
     return TrainResult(state["best_val_accuracy"], state["best_val_loss"], state["best_epoch"], state["step"],
                        state["epoch"], state["stopped_early"], resumed_from)
-
-
-def _probe_batch(cfg: TrainConfig, index, device: torch.device, world: int, master: bool) -> TrainConfig:
-    """Replace train.batch_size by the largest per-device batch that fits (CUDA only; agreed across ranks)."""
-    from tasks.train import probe
-
-    if device.type != "cuda":
-        if master:
-            print("train: probe_batch needs a CUDA device (a CPU has no out-of-memory signal); keeping "
-                  f"batch_size={cfg.batch_size}", file=sys.stderr)
-        return cfg
-    model, _ = tmodel.build_model(cfg.model_copy(update={"pretrained": "none"}), len(index.classes),
-                                  index.channels, index.resolution)
-    model.to(device).train()
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg, device))
-
-    def step(b: int) -> None:
-        x = torch.randn(b, index.channels, index.resolution, index.resolution, device=device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-            model(x).float().logsumexp(1).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    found = probe.fit_to_effective(probe.largest_batch(step), cfg.effective_batch, world)
-    model.to("cpu")  # give the probe's memory back before the real model is built
-    torch.cuda.empty_cache()
-    agreed = torch.tensor([found], device=device)
-    if world > 1:
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    if master:
-        print(f"train: probe_batch: largest per-device batch that fits is {int(agreed)} "
-              f"(was {cfg.batch_size})", file=sys.stderr)
-    return cfg.model_copy(update={"batch_size": int(agreed)})
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _write_outputs(paths: Paths, state: dict, run_info: dict, step_log: list[dict], halted: str | None) -> None:
-    plots = Path(paths.train_plots_dir)
-    io.write_text(plots / "steps.csv", _csv(step_log, ["step", "train_loss", "lr", "grad_norm", "images_per_s",
-                                                        "data_wait_fraction"]))
-    io.write_text(plots / "epochs.csv", _csv(state["history"], ["epoch", "step", "train_loss", "val_loss",
-                                                                  "val_accuracy"]))
-    waits = [r["data_wait_fraction"] for r in step_log]
-    speeds = [r["images_per_s"] for r in step_log]
-    io.write_json(paths.train_metrics, {
-        "best_val_accuracy": state["best_val_accuracy"], "best_val_loss": state["best_val_loss"],
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "steps": state["step"],
-        "stopped_early": state["stopped_early"], "halted": halted,
-        "scaled_lr": run_info["scaled_lr"], "effective_batch": run_info["effective_batch"],
-        "data_wait_fraction": float(np.median(waits)) if waits else None,
-        "images_per_s": float(np.median(speeds)) if speeds else None,
-    })
-    _plot(plots / "curves.png", step_log, state["history"])
-
-
-def _csv(rows: list[dict], cols: list[str]) -> str:
-    lines = [",".join(cols)]
-    lines += [",".join(f"{r.get(c, '')}" for c in cols) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
-    import io as _io
-
-    try:
-        import matplotlib
-    except ImportError:  # e.g. a GPU node with torch + timm + pyarrow only: the CSVs carry the same curves
-        print("train: matplotlib not installed; skipping curves.png (steps.csv/epochs.csv are written)",
-              file=sys.stderr)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(2, 2, figsize=(10, 6))
-    s = [r["step"] for r in steps]
-    ax[0, 0].plot(s, [r["train_loss"] for r in steps], label="train (step)")
-    ax[0, 0].plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val (epoch)")
-    ax[0, 0].set_title("loss")
-    ax[0, 0].legend()
-    ax[0, 1].plot([r["step"] for r in epochs], [r["val_accuracy"] for r in epochs], "o-")
-    ax[0, 1].set_title("val accuracy")
-    ax[1, 0].plot(s, [r["lr"] for r in steps])
-    ax[1, 0].set_title("learning rate")
-    ax[1, 1].plot(s, [r["grad_norm"] for r in steps])
-    ax[1, 1].set_title("grad norm (before clipping)")
-    for a in ax.ravel():
-        a.set_xlabel("step")
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    with io.atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())

@@ -1,9 +1,11 @@
 """The "largest batch that fits" probe (GPU): doubling, then bisection, on CUDA out-of-memory errors."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 
 class ProbeError(RuntimeError):
@@ -47,3 +49,38 @@ def fit_to_effective(batch: int, effective_batch: int | None, world: int) -> int
         if effective_batch % (b * world) == 0:
             return b
     return 1
+
+
+def probe_batch(cfg, index, device: torch.device, world: int, master: bool):
+    """Replace train.batch_size by the largest per-device batch that fits (CUDA only; agreed across ranks)."""
+    from tasks.train import model as tmodel
+    from tasks.train.loop import _precision
+
+    if device.type != "cuda":
+        if master:
+            print("train: probe_batch needs a CUDA device (a CPU has no out-of-memory signal); keeping "
+                  f"batch_size={cfg.batch_size}", file=sys.stderr)
+        return cfg
+    model, _ = tmodel.build_model(cfg.model_copy(update={"pretrained": "none"}), len(index.classes),
+                                  index.channels, index.resolution)
+    model.to(device).train()
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg, device))
+
+    def step(b: int) -> None:
+        x = torch.randn(b, index.channels, index.resolution, index.resolution, device=device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+            model(x).float().logsumexp(1).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    found = fit_to_effective(largest_batch(step), cfg.effective_batch, world)
+    model.to("cpu")  # give the probe's memory back before the real model is built
+    torch.cuda.empty_cache()
+    agreed = torch.tensor([found], device=device)
+    if world > 1:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if master:
+        print(f"train: probe_batch: largest per-device batch that fits is {int(agreed)} "
+              f"(was {cfg.batch_size})", file=sys.stderr)
+    return cfg.model_copy(update={"batch_size": int(agreed)})
