@@ -29,6 +29,13 @@ STAGES = {
     "preflight": "Pre-flight checks of the train stage on the train split: initial loss close to ln(classes), the "
                  "model overfits a few hundred examples, the input pipeline is faster than a step; prints a table "
                  "with evidence and writes reports/preflight_train.json.",
+    "evaluate": "The one reader of the sealed test split: scores the best-val checkpoint once (accuracy, macro F1, "
+                "per-class report, confusion matrix, calibration), records the read in the test-access ledger and "
+                "returns the recorded result for a model already evaluated; a second model on the same frozen test "
+                "split is refused (evaluate.second_look: strict) or marked as a reused test set (warn).",
+    "register": "Gate the candidate (thresholds, and beating @champion on the same frozen test split) and register "
+                "it in MLflow as a pyfunc model that takes raw images, with lineage tags and the @challenger / "
+                "@champion aliases; a failed gate writes a report and leaves the registry unchanged.",
 }
 
 
@@ -88,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                     loop.run(params.train, params.paths, logger=_tracker(params, args.stage))
             except (loop.TrainError, ModelConfigError) as exc:
                 raise DataError(str(exc)) from None
+        elif args.stage == "evaluate":
+            from tasks import evaluate
+            evaluate.run(params.evaluate, params.paths)
+        elif args.stage == "register":
+            from tasks import register
+            register.run(params.register_, params.paths)
     except user_errors as exc:
         print(f"keel {args.stage}: error: {exc}", file=sys.stderr)
         return 1

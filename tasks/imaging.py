@@ -165,6 +165,16 @@ def resize_square(pixels: np.ndarray, size: int, how: str = "center_crop") -> np
     return np.asarray(img)
 
 
+def preprocess(img: Image.Image, resolution: int, channels: int, resize: str = "center_crop",
+               background=(255, 255, 255)) -> np.ndarray:
+    """The one path from a loaded image to a model input (uint8 ``resolution x resolution x channels``).
+
+    The shard stage and the served model both call this, so serving sees exactly the pixels training saw.
+    """
+    px = normalise(img, tuple(background))
+    return to_channels(resize_square(px, resolution, resize), channels)
+
+
 def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     if channels == 1:
         return to_gray(pixels)[..., None]

@@ -247,12 +247,15 @@ class ShardIndex:
     manifest_sha256: str
     splits: dict[str, list[ShardFile]] = field(default_factory=dict)
     version: int = 1
+    resize: str = "center_crop"  # how images were squared (tasks.imaging.preprocess); serving repeats it
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])  # alpha composited over this
 
     def rows(self, split: str) -> int:
         return sum(s.rows for s in self.splits.get(split, []))
 
     def to_json(self) -> dict:
         d = self.__dict__.copy()
+        d["background"] = list(d["background"])
         d["splits"] = {k: [s.__dict__ for s in v] for k, v in self.splits.items()}
         return d
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from tasks import io
 from tasks.config import Paths, ShardConfig
-from tasks.imaging import normalise, resize_square, to_channels
+from tasks.imaging import preprocess
 from tasks.parallel import bounded_map
 
 _W: dict = {}
@@ -39,8 +39,7 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
     for k, data in enumerate(blobs):
         img = Image.open(_io.BytesIO(data))
         img.load()
-        px = normalise(img, tuple(_W["background"]))
-        out[k] = to_channels(resize_square(px, _W["resolution"], _W["resize"]), _W["channels"])
+        out[k] = preprocess(img, _W["resolution"], _W["channels"], _W["resize"], _W["background"])
     return ids, out
 
 
@@ -168,7 +167,8 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
         mean = csum / npx
         std = np.sqrt(np.maximum(csq / npx - mean**2, 0.0))
         index = io.ShardIndex(classes=classes, resolution=cfg.resolution, channels=cfg.channels, mean=mean.round(6).tolist(),
-                              std=std.round(6).tolist(), manifest_sha256=manifest_sha, splits=files)
+                              std=std.round(6).tolist(), manifest_sha256=manifest_sha, splits=files,
+                              resize=cfg.resize, background=list(cfg.alpha_background))
         io.write_json(tmp / "index.json", index.to_json())
     rows = {s: sum(f.rows for f in v) for s, v in files.items()}
     print(f"shard: {rows} at {cfg.resolution}x{cfg.resolution}x{cfg.channels}; train mean {index.mean} std {index.std}")

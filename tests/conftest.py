@@ -33,7 +33,10 @@ def pattern(seed: int, size: int = 16, channels: int = 3) -> np.ndarray:
 def tmp_paths(root: Path) -> Paths:
     return Paths(raw_items=str(root / "raw"), rejects=str(root / "rejects.parquet"), audit_dir=str(root / "audit"),
                  split_manifest=str(root / "split" / "manifest.parquet"), leakage_report=str(root / "leakage.json"),
-                 validate_dir=str(root / "validate"), shards_dir=str(root / "shards"))
+                 validate_dir=str(root / "validate"), shards_dir=str(root / "shards"), models_dir=str(root / "models"),
+                 train_metrics=str(root / "metrics" / "train.json"), train_plots_dir=str(root / "reports" / "train"),
+                 evaluate_dir=str(root / "reports" / "evaluate"), test_metrics=str(root / "metrics" / "test.json"),
+                 test_ledger=str(root / "test_ledger"), register_report=str(root / "reports" / "register.json"))
 
 
 @pytest.fixture
@@ -53,3 +56,20 @@ def digits_pipeline(tmp_path_factory):
     spl = split.run(SplitConfig(), p)
     sh = shard.run(ShardConfig(workers=1), p)
     return p, ing, spl, sh
+
+
+# The model the evaluate/register/serving tests share: the default recipe, shortened (well above 0.9 val accuracy).
+DIGITS_TRAIN = {"model": "resnet10t", "epochs": 4, "batch_size": 64, "warmup_steps": 20, "lr": 0.004,
+                "log_every_steps": 5}
+
+
+@pytest.fixture(scope="session")
+def digits_trained(digits_pipeline):
+    """digits_pipeline + one short training run: (paths, TrainResult). Tests must not write into its folders;
+    copy ``paths.models_dir`` (or use ``tmp_paths`` on a copy) to change anything."""
+    from tasks.config import TrainConfig
+    from tasks.train import loop
+
+    p, *_ = digits_pipeline
+    result = loop.run(TrainConfig(**DIGITS_TRAIN), p)
+    return p, result

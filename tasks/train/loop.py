@@ -273,6 +273,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         net = torch.compile(net)
 
     files = None
+    tracking = {"tracking_run_id": getattr(logger, "run_id", None), "tracking_uri": getattr(logger, "tracking_uri", None)}
     if master:
         plots = Path(paths.train_plots_dir)
         plots.mkdir(parents=True, exist_ok=True)
@@ -281,11 +282,15 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     else:
         logger = NullLogger()
     git = lineage.git_state()
+    # what a served model must repeat (tasks.imaging.preprocess + Normalize); packaged with best.pt
+    preprocessing = {"classes": index.classes, "mean": index.mean, "std": index.std, "resolution": index.resolution,
+                     "channels": index.channels, "resize": index.resize, "background": list(index.background)}
     run_info = {"config": cfg.model_dump(mode="json"), "data_mode": mode, "world_size": world, "accumulation": accumulation,
                 "effective_batch": effective, "scaled_lr": scaled_lr, "backbone_lr": backbone_lr,
                 "precision": precision, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                 "classes": index.classes, "init": init_report, "environment_hash": lineage.environment_hash(),
-                **git, **data_versions, "resumed_from_step": resumed_from}
+                **git, **data_versions, "resumed_from_step": resumed_from,
+                **tracking}
     logger.log_params(run_info)
     if master:
         print(f"train: {cfg.model} on {device} x{world}, {precision}, effective batch {effective} "
@@ -306,8 +311,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "signals": monitor.state_dict(),
                      "state": {**state, **extra_state}, "rng": _rng_state(), "resume_key": resume_key,
-                     "index": {"classes": index.classes, "mean": index.mean, "std": index.std,
-                               "resolution": index.resolution, "channels": index.channels},
+                     "index": preprocessing,
                      "run_info": run_info})
 
     step_log: list[dict] = []
@@ -433,8 +437,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 if master:
                     blob = {"model": eval_model.state_dict(), "epoch": epoch, "step": state["step"],
                             "val_loss": val_loss, "val_accuracy": val_acc, "model_name": cfg.model,
-                            "index": {"classes": index.classes, "mean": index.mean, "std": index.std,
-                                      "resolution": index.resolution, "channels": index.channels},
+                            "index": preprocessing,
                             "run_info": run_info}
                     _save(best_path, blob)
             else:
