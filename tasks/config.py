@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     compile: bool = False
     grad_checkpointing: bool = False
     devices: int = Field(1, ge=1, description="processes per node (torchrun --nproc_per_node)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp replicates the model; fsdp (FSDP2 fully_shard) shards parameters, "
+        "gradients and optimiser state across ranks, for models that do not fit one device")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     deterministic: bool = True
@@ -162,6 +165,13 @@ class TrainConfig(_Section):
     def _consistent(self) -> TrainConfig:
         if self.pretrained == "checkpoint" and not self.init_checkpoint:
             raise ValueError("pretrained=checkpoint needs init_checkpoint (a local file)")
+        if self.strategy == "fsdp":
+            clash = [k for k, bad in (("ema_decay", self.ema_decay is not None),
+                                      ("freeze_backbone_epochs", self.freeze_backbone_epochs > 0),
+                                      ("precision=fp16", self.precision == "fp16")) if bad]
+            if clash:
+                raise ValueError(f"strategy=fsdp does not support {', '.join(clash)} yet (use strategy=ddp, or bf16 "
+                                 "precision instead of fp16)")
         if self.effective_batch is not None and self.effective_batch % (self.batch_size * self.devices):
             raise ValueError(f"effective_batch={self.effective_batch} is not a multiple of batch_size x devices "
                              f"= {self.batch_size * self.devices}; gradient accumulation needs a whole number of steps")

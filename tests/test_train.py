@@ -138,6 +138,38 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(digits_p
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["effective_batch"] == 32
 
 
+@pytest.mark.slow
+def test_two_process_fsdp_matches_one_process_and_writes_plain_checkpoints(digits_pipeline, tmp_path):
+    """FSDP2 (fully_shard over gloo) shards parameters and optimiser state, yet trains the same trajectory as one
+    process with the same global batch, and its checkpoints are ordinary full state dicts that resume."""
+    p, *_ = digits_pipeline
+    # augment none: flip/crop parameters are drawn per global batch, and accumulation splits the batch in two
+    common = {**FAST, "model": "convnext_atto", "epochs": 1, "max_steps": 8, "log_every_steps": 1, "augment": "none"}
+    one = _params_file(p, tmp_path / "one", {**common, "batch_size": 32, "devices": 1})
+    two = _params_file(p, tmp_path / "two", {**common, "batch_size": 8, "devices": 2, "strategy": "fsdp",
+                                              "effective_batch": 32})  # + accumulation x2 (no-sync micro-steps)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    for f, n in ((one, 1), (two, 2)):
+        r = subprocess.run([*torchrun, f"--nproc_per_node={n}", "-m", "tasks.cli", "train", "--params", str(f)],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+    trace = {k: [float(row["train_loss"]) for row in csv.DictReader((tmp_path / k / "reports/steps.csv").open())]
+             for k in ("one", "two")}
+    assert len(trace["two"]) == 8 and trace["two"] == pytest.approx(trace["one"], rel=1e-4, abs=1e-5)
+    best = torch.load(tmp_path / "two/models/best.pt", map_location="cpu", weights_only=False)
+    assert all(type(t) is torch.Tensor for t in best["model"].values())  # gathered, not DTensor shards
+    ref = weights(tmp_path / "one/models/best.pt")  # the 1-process weights, up to float summation order
+    assert best["model"].keys() == ref.keys()
+    assert all(torch.allclose(best["model"][k], ref[k], rtol=1e-3, atol=1e-5) for k in ref)
+    r = subprocess.run([*torchrun, "--nproc_per_node=2", "-m", "tasks.cli", "train", "--params", str(two)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
+    assert r.returncode == 0 and "resuming at step 8" in r.stderr, r.stderr  # full state loaded back into shards
+    with pytest.raises(ConfigError, match=r"strategy=fsdp does not support ema_decay"):
+        f = tmp_path / "bad.yaml"
+        f.write_text("train:\n  strategy: fsdp\n  ema_decay: 0.999\n")
+        load_params(f)
+
+
 def test_never_opens_the_test_split(digits_pipeline, tmp_path):
     p, *_ = digits_pipeline
     shards = tmp_path / "shards"

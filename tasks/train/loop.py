@@ -115,6 +115,51 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _fully_shard(model: torch.nn.Module) -> None:
+    """FSDP2: one sharding unit per block (each child of a top-level Sequential/ModuleList, e.g. resnet layers'
+    blocks, ViT blocks, ConvNeXt stages), then the root for what is left (stem, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        many = isinstance(child, torch.nn.Sequential | torch.nn.ModuleList) and len(child) > 1
+        for unit in (child.children() if many else [child]):
+            if any(p.requires_grad for p in unit.parameters()):
+                fully_shard(unit)
+    fully_shard(model)
+
+
+def _full_states(model: torch.nn.Module, opt, fsdp: bool) -> tuple[dict, dict | None]:
+    """Plain (unsharded) model and optimiser state dicts, the checkpoint format for every strategy. Under FSDP
+    this is a collective: every rank calls it; rank 0 receives the full tensors (on the CPU), others empty dicts."""
+    if not fsdp:
+        return model.state_dict(), (opt.state_dict() if opt is not None else None)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, opt, options=opts) if opt is not None else None)
+
+
+def _load_states(model: torch.nn.Module, opt, model_sd: dict, opt_sd: dict, fsdp: bool) -> None:
+    if not fsdp:
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True)  # every rank read the full file; each keeps its shard
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, opt, opt_sd, options=opts)
+
+
 def _save(path: Path, blob: dict) -> None:
     with io.atomic_path(path) as tmp:
         torch.save(blob, tmp)
@@ -202,6 +247,12 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if world > 1 and device.type == "cuda":
+        # BatchNorm statistics over the global batch, as one process would compute them (NCCL only)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    if fsdp:  # before the optimiser: fully_shard swaps the parameters for sharded DTensors
+        _fully_shard(model)
     transfer = cfg.pretrained != "none"
     backbone_lr = scaled_lr * cfg.backbone_lr_factor if transfer else scaled_lr
     groups = _param_groups(model, scaled_lr, backbone_lr, cfg.weight_decay)
@@ -248,8 +299,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     if last_path.exists():
         ck = torch.load(last_path, map_location=device, weights_only=False)
         if ck.get("resume_key") == resume_key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
+            _load_states(model, opt, ck["model"], ck["optimizer"], fsdp)
             scaler.load_state_dict(ck["scaler"])
             if ema is not None and ck.get("ema") is not None:
                 ema.load_state_dict(ck["ema"])
@@ -265,10 +315,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     phase = 1 if transfer and cfg.freeze_backbone_epochs > state["epoch"] else 2
     if transfer:
         tmodel.set_phase(model, phase, cfg.unfreeze_top_blocks)
-    if world > 1 and device.type == "cuda":
-        # BatchNorm statistics over the global batch, as one process would compute them (NCCL only)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = DDP(model, find_unused_parameters=transfer) if world > 1 else model
+    net = DDP(model, find_unused_parameters=transfer) if world > 1 and not fsdp else model
     if cfg.compile:
         net = torch.compile(net)
 
@@ -305,10 +352,11 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)  # every rank: the stop is agreed at a step boundary
 
-    def checkpoint(path: Path, extra_state: dict) -> None:
+    def checkpoint(path: Path, extra_state: dict) -> None:  # called on every rank (FSDP gathers collectively)
+        model_sd, opt_sd = _full_states(model, opt, fsdp)
         if not master:
             return
-        _save(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+        _save(path, {"model": model_sd, "optimizer": opt_sd, "scaler": scaler.state_dict(),
                      "ema": ema.state_dict() if ema is not None else None, "signals": monitor.state_dict(),
                      "state": {**state, **extra_state}, "rng": _rng_state(), "resume_key": resume_key,
                      "index": preprocessing,
@@ -337,6 +385,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             iterate = tdata.iterate_stream if mode == "stream" else tdata.iterate_epoch
             batches = iterate(train_data, cfg.batch_size, world, rank, cfg.seed, epoch, cfg.augment,
                               start_batch=state["next_batch"])
+            step_loss = torch.zeros((), device=device)
             for i, x, y in batches:
                 if i >= usable or state["step"] >= total_steps:
                     break
@@ -351,6 +400,8 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 t_compute = time.perf_counter()
                 wait_window += t_compute - t_fetch
                 final_micro = (i + 1) % accumulation == 0
+                if fsdp:  # reduce-scatter gradients only on the last micro-batch of an accumulation
+                    net.set_requires_gradient_sync(final_micro)
                 sync_ctx = net.no_sync() if (world > 1 and not final_micro and hasattr(net, "no_sync")) else contextlib.nullcontext()
                 with sync_ctx:
                     with autocast():
@@ -360,6 +411,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                         else:
                             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     scaler.scale(loss / accumulation).backward()
+                step_loss = loss.detach().float() + (step_loss if i % accumulation else 0.0)
                 epoch_loss += float(loss.detach())
                 epoch_batches += 1
                 imgs_window += len(y) * world
@@ -368,8 +420,10 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                     continue
                 scaler.unscale_(opt)
                 params = [p for p in model.parameters() if p.grad is not None]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-                loss_value = loss.detach().float()
+                total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+                # FSDP: a DTensor; full_tensor() is the norm over every rank's shard
+                grad_norm = float(total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm)
+                loss_value = step_loss / accumulation  # the mean over the whole effective batch
                 if world > 1:  # the logged loss is the global batch's mean, comparable to a 1-process run
                     dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
                     loss_value /= world
@@ -434,8 +488,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             if improved:
                 state.update(best_metric=metric, best_epoch=epoch, best_val_loss=val_loss, best_val_accuracy=val_acc,
                              bad_epochs=0)
+                best_sd, _ = _full_states(eval_model, None, fsdp)
                 if master:
-                    blob = {"model": eval_model.state_dict(), "epoch": epoch, "step": state["step"],
+                    blob = {"model": best_sd, "epoch": epoch, "step": state["step"],
                             "val_loss": val_loss, "val_accuracy": val_acc, "model_name": cfg.model,
                             "index": preprocessing,
                             "run_info": run_info}
