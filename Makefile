@@ -27,7 +27,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check tasks flows tests bench
+	$(BIN)/ruff check tasks flows tests bench infra
 
 bench: install
 	$(BIN)/python bench/data_stages.py
