@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io as _bytes_io
 import json
 import os
@@ -57,6 +56,7 @@ import pyarrow.parquet as pq
 
 from tasks import io, lineage
 from tasks.config import EvaluateConfig, Paths
+from tasks.lineage import model_sha256
 
 OUTPUT_FILES = ("confusion.png", "confusion.csv", "per_class.csv", "reliability.png", "predictions.parquet",
                 "summary.md")
@@ -89,24 +89,6 @@ class EvaluateResult:
 
 
 # ---------------------------------------------------------------- checkpoint
-def model_sha256(state_dict: dict, model_name: str) -> str:
-    """Identity of a model's weights, independent of the lineage embedded beside them in best.pt: sha256 over the
-    state dict (sorted keys; per key: the key's utf-8 bytes, ``str(dtype)``, ``str(tuple(shape))`` and the tensor's
-    bytes in C order) followed by the model name's utf-8 bytes (the layout ``tasks.register`` checks against)."""
-    import torch
-
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key]
-        if not isinstance(t, torch.Tensor):
-            raise EvaluateError(f"state dict entry {key!r} is a {type(t).__name__}, not a tensor")
-        h.update(key.encode("utf-8"))
-        h.update(str(t.dtype).encode("utf-8"))
-        h.update(str(tuple(t.shape)).encode("utf-8"))
-        flat = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    h.update(model_name.encode("utf-8"))
-    return h.hexdigest()
 
 
 def _load_checkpoint(path: Path) -> dict:

@@ -51,3 +51,26 @@ def data_versions(shards_dir: str | Path, manifest: str | Path) -> dict:
     index = Path(shards_dir) / "index.json"
     return {"shard_index_sha256": io.sha256_file(index) if index.exists() else None,
             "split_manifest_sha256": io.sha256_file(manifest) if Path(manifest).exists() else None}
+
+
+def model_sha256(state_dict: dict, model_name: str) -> str:
+    """A model's identity, independent of the lineage stored beside its weights in best.pt: sha256 over the state
+    dict (sorted keys; per key: the key's utf-8 bytes, ``str(dtype)``, ``str(tuple(shape))`` and the tensor's
+    bytes in C order) followed by the model name's utf-8 bytes.  The evaluate stage records it in the test ledger
+    and test metrics; register checks it and tags the registered version with it."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state dict entry {key!r} is a {type(t).__name__}, not a tensor")
+        h.update(key.encode("utf-8"))
+        h.update(str(t.dtype).encode("utf-8"))
+        h.update(str(tuple(t.shape)).encode("utf-8"))
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    h.update(model_name.encode("utf-8"))
+    return h.hexdigest()

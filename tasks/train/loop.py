@@ -339,6 +339,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 **git, **data_versions, "resumed_from_step": resumed_from,
                 **tracking}
     logger.log_params(run_info)
+    if master and init_report.get("stem", "").startswith("timm default"):
+        print(f"train: note: train.small_input_stem does not apply to {cfg.model} (no single-conv ResNet stem); "
+              f"timm's stem downsamples the {index.resolution} px inputs early", file=sys.stderr)
     if master:
         print(f"train: {cfg.model} on {device} x{world}, {precision}, effective batch {effective} "
               f"({cfg.batch_size} x {world} devices x {accumulation} accumulation), lr {cfg.lr} at batch "

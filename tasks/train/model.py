@@ -33,10 +33,6 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, resolution: i
     elif cfg.small_input_stem and resolution <= 64:
         # e.g. resnet10t/resnet26d: a deep (3-conv) stem; rebuilding it is a different architecture, so keep timm's
         report["stem"] = "timm default (small_input_stem applies to single-conv ResNet stems only)"
-        import warnings
-
-        warnings.warn(f"train.small_input_stem: {cfg.model} has no single-conv ResNet stem; keeping timm's stem "
-                      f"(it downsamples {resolution} px inputs early)", stacklevel=2)
     if cfg.pretrained == "checkpoint":
         report.update(load_init_checkpoint(model, Path(cfg.init_checkpoint)))
     return model, report
