@@ -116,6 +116,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(reference, digits_pip
     assert same(weights(tmp_path / "models" / "best.pt"), weights(ref_root / "models" / "best.pt"))
 
 
+def _torchrun(params: Path, nproc: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "tasks.cli", "train", "--params", str(params)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
+
+
+def _one_vs_two_processes(one: Path, two: Path, root: Path) -> dict[str, list[float]]:
+    """Train ``one`` on 1 process and ``two`` on 2; the per-step train loss of each."""
+    for f, n in ((one, 1), (two, 2)):
+        r = _torchrun(f, n)
+        assert r.returncode == 0, r.stdout + r.stderr
+    return {k: [float(row["train_loss"]) for row in csv.DictReader((root / k / "reports/steps.csv").open())]
+            for k in ("one", "two")}
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(digits_pipeline, tmp_path):
     # convnext_atto uses LayerNorm: no batch statistics, so 2 x 16 and 1 x 32 are the same computation
@@ -125,13 +140,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(digits_p
               "deterministic": True}
     one = _params_file(p, tmp_path / "one", {**common, "batch_size": 32, "devices": 1})
     two = _params_file(p, tmp_path / "two", {**common, "batch_size": 16, "devices": 2})
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    for f, n in ((one, 1), (two, 2)):
-        r = subprocess.run([*torchrun, f"--nproc_per_node={n}", "-m", "tasks.cli", "train", "--params", str(f)],
-                           cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
-    trace = {k: [float(row["train_loss"]) for row in csv.DictReader((tmp_path / k / "reports/steps.csv").open())]
-             for k in ("one", "two")}
+    trace = _one_vs_two_processes(one, two, tmp_path)
     assert len(trace["one"]) == len(trace["two"]) == 12
     assert trace["one"] == pytest.approx(trace["two"], rel=1e-4, abs=1e-5)
     assert trace["one"][0] != pytest.approx(trace["one"][-1], rel=1e-3)  # the loss moved: the test can fail
@@ -148,21 +157,14 @@ def test_two_process_fsdp_matches_one_process_and_writes_plain_checkpoints(digit
     one = _params_file(p, tmp_path / "one", {**common, "batch_size": 32, "devices": 1})
     two = _params_file(p, tmp_path / "two", {**common, "batch_size": 8, "devices": 2, "strategy": "fsdp",
                                               "effective_batch": 32})  # + accumulation x2 (no-sync micro-steps)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    for f, n in ((one, 1), (two, 2)):
-        r = subprocess.run([*torchrun, f"--nproc_per_node={n}", "-m", "tasks.cli", "train", "--params", str(f)],
-                           cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
-    trace = {k: [float(row["train_loss"]) for row in csv.DictReader((tmp_path / k / "reports/steps.csv").open())]
-             for k in ("one", "two")}
+    trace = _one_vs_two_processes(one, two, tmp_path)
     assert len(trace["two"]) == 8 and trace["two"] == pytest.approx(trace["one"], rel=1e-4, abs=1e-5)
     best = torch.load(tmp_path / "two/models/best.pt", map_location="cpu", weights_only=False)
     assert all(type(t) is torch.Tensor for t in best["model"].values())  # gathered, not DTensor shards
     ref = weights(tmp_path / "one/models/best.pt")  # the 1-process weights, up to float summation order
     assert best["model"].keys() == ref.keys()
     assert all(torch.allclose(best["model"][k], ref[k], rtol=1e-3, atol=1e-5) for k in ref)
-    r = subprocess.run([*torchrun, "--nproc_per_node=2", "-m", "tasks.cli", "train", "--params", str(two)],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, check=False, timeout=600)
+    r = _torchrun(two, 2)
     assert r.returncode == 0 and "resuming at step 8" in r.stderr, r.stderr  # full state loaded back into shards
     with pytest.raises(ConfigError, match=r"strategy=fsdp does not support ema_decay"):
         f = tmp_path / "bad.yaml"
