@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +55,9 @@ def _images(raw_dir: Path, ids: list[str]) -> dict[str, bytes]:
 def served(model_uri: str, tracking_uri: str, workdir: Path, timeout: float = 180.0):
     port = free_port()
     log = workdir / "serve.log"
-    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": tracking_uri}
+    # mlflow starts `uvicorn` through bash: the venv's bin must be on PATH (as after `. .venv/bin/activate`)
+    env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "ab") as f:
         proc = subprocess.Popen([*mlflow_command(), "models", "serve", "-m", model_uri, "--env-manager", "local",
                                  "-h", "127.0.0.1", "-p", str(port), "--workers", "1"], cwd=workdir, env=env,
