@@ -26,9 +26,10 @@ STAGES = {
              "batch with warmup and a floored schedule, clipping, accumulation, mixed precision, EMA; logs loss, "
              "LR, grad norm and throughput; detects intervention signals; keeps best and last checkpoints and "
              "resumes from the last after a crash. Launch under torchrun for several devices.",
-    "preflight": "Pre-flight checks of the train stage on the train split: initial loss close to ln(classes), the "
-                 "model overfits a few hundred examples, the input pipeline is faster than a step; prints a table "
-                 "with evidence and writes reports/preflight_train.json.",
+    "preflight": "The checklist before a long run: data audit, frozen splits, input pipeline vs step, initial loss "
+                 "and overfitting a tiny subset, pretrained weights, batch/LR/warmup/schedule, a dry step that proves "
+                 "logging, checkpoint selection, reproducibility (seeds, lineage, clean tree), distributed config; "
+                 "prints a table with evidence and what to do and writes reports/preflight.json.",
     "evaluate": "The one reader of the sealed test split: scores the best-val checkpoint once (accuracy, macro F1, "
                 "per-class report, confusion matrix, calibration), records the read in the test-access ledger and "
                 "returns the recorded result for a model already evaluated; a second model on the same frozen test "
@@ -36,6 +37,11 @@ STAGES = {
     "register": "Gate the candidate (thresholds, and beating @champion on the same frozen test split) and register "
                 "it in MLflow as a pyfunc model that takes raw images, with lineage tags and the @challenger / "
                 "@champion aliases; a failed gate writes a report and leaves the registry unchanged.",
+    "reproduce": "Retrain a registered model from its lineage (models:/<name>/<version>, models:/<name>@<alias> or a "
+                 "run id): the recorded commit in a temporary git worktree, the recorded data version from the DVC "
+                 "cache/remote, the recorded config and seed; compares weights bitwise and val accuracy within "
+                 "reproduce.val_tolerance, reports recorded test metrics without a new test read; writes "
+                 "reports/reproduce.json and tags the version keel.reproduced.",
 }
 
 
@@ -46,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in STAGES.items():
         sp = sub.add_parser(name, help=text.split(";")[0], description=text)
         sp.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+        if name == "reproduce":
+            sp.add_argument("model", metavar="MODEL", help="models:/<name>/<version>, models:/<name>@<alias> or a run id")
         if name == "split":
             sp.add_argument("--refreeze", action="store_true",
                             help="deliberately re-split, discarding the frozen assignment (voids earlier test results)")
@@ -54,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar is noise in stage logs
     from tasks.io import DataError
     from tasks.sources import SourceError
     from tasks.split import FrozenSplitError, LeakageError
@@ -86,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 if args.stage == "preflight" or (params.train.preflight and os.environ.get("RANK", "0") == "0"):
-                    report = preflight.run(params.train, params.paths)
-                    if not report.passed:
-                        failed = [i.name for i in report.items if i.status == "fail"]
-                        raise DataError(f"preflight failed: {', '.join(failed)} (see the table above and "
-                                        f"{params.paths.train_plots_dir}/../preflight_train.json)")
+                    preflight.require(params)  # PreflightFailed (a DataError) stops the stage
                 if args.stage == "train":
                     loop.run(params.train, params.paths, logger=_tracker(params, args.stage))
             except (loop.TrainError, ModelConfigError) as exc:
@@ -101,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "register":
             from tasks import register
             register.run(params.register_, params.paths)
+        elif args.stage == "reproduce":
+            from tasks import reproduce
+            report = reproduce.run(params.reproduce, params.paths, args.model)
+            if report["reproduced"] != "yes":
+                raise DataError(f"{args.model} was NOT reproduced (see the table above and reports/reproduce.json)")
     except user_errors as exc:
         print(f"keel {args.stage}: error: {exc}", file=sys.stderr)
         return 1

@@ -203,6 +203,23 @@ class RegisterConfig(_Section):
     retry_backoff_s: float = Field(1.0, ge=0)
 
 
+class PreflightConfig(_Section):
+    allow_dirty: bool = Field(False, description="pass the reproducibility item with uncommitted changes (listed)")
+    subset: int = Field(256, ge=1, description="train items the model must memorise (overfit check)")
+    overfit_steps: int = Field(150, ge=1, description="step budget of the overfit check")
+    min_busy_fraction: float = Field(0.7, gt=0, le=1, description="device busy share (step / (step + input)) "
+                                     "that passes the input-pipeline item")
+    busy_goal: float = Field(0.95, gt=0, le=1, description="keel's goal for the device busy share (reported)")
+    dry_step: bool = Field(True, description="run one real optimiser step through the training loop and read "
+                           "loss, metric, grad norm and LR back from a tracking store")
+
+
+class ReproduceConfig(_Section):
+    val_tolerance: float = Field(0.005, ge=0, le=1, description="|retrained - registered| best val accuracy allowed")
+    keep_worktree: bool = Field(False, description="keep the temporary git worktree of the retrain (debugging)")
+    timeout_s: int = Field(7200, ge=1, description="limit for the retrain")
+
+
 class Params(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -215,6 +232,8 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")  # same reason as validate_
+    preflight: PreflightConfig = PreflightConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
@@ -249,4 +268,4 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
 
 
 # Sections owned by stages that land in later issues; tolerated here, validated by their stage.
-FUTURE_SECTIONS = {"preflight", "stability", "reproduce", "flow"}
+FUTURE_SECTIONS = {"stability", "flow"}

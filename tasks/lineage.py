@@ -18,9 +18,15 @@ def git(*args: str, root: str | Path = ".") -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+# Written by `dvc repro` itself while the pipeline runs (data versions are recorded by their own hashes), so a
+# change there does not make the code dirty: otherwise every model trained by `dvc repro` would be "dirty".
+DVC_WRITTEN = ("dvc.lock",)
+
+
 def git_state(root: str | Path = ".") -> dict:
     sha = git("rev-parse", "HEAD", root=root)
-    status = git("status", "--porcelain", "--untracked-files=no", root=root)
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 *(f":(exclude){f}" for f in DVC_WRITTEN), root=root)
     return {"git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None}
 
 
