@@ -42,6 +42,9 @@ STAGES = {
                  "cache/remote, the recorded config and seed; compares weights bitwise and val accuracy within "
                  "reproduce.val_tolerance, reports recorded test metrics without a new test read; writes "
                  "reports/reproduce.json and tags the version keel.reproduced.",
+    "stability": "Is the recipe well behaved? Trains N reseeds, another shuffle, batch x2 (LR by the scaling rule) "
+                 "and LR x1.1 on train/val only; reports stable or fragile with the numbers and a plot "
+                 "(reports/stability.json/.png) and tags the registered version keel.stability.",
 }
 
 
@@ -108,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "register":
             from tasks import register
             register.run(params.register_, params.paths)
+        elif args.stage == "stability":
+            from tasks import stability
+            stability.run(params)
         elif args.stage == "reproduce":
             from tasks import reproduce
             report = reproduce.run(params.reproduce, params.paths, args.model)

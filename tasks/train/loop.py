@@ -386,7 +386,8 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             usable = steps_per_epoch * accumulation
             t_fetch = time.perf_counter()
             iterate = tdata.iterate_stream if mode == "stream" else tdata.iterate_epoch
-            batches = iterate(train_data, cfg.batch_size, world, rank, cfg.seed, epoch, cfg.augment,
+            data_seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
+            batches = iterate(train_data, cfg.batch_size, world, rank, data_seed, epoch, cfg.augment,
                               start_batch=state["next_batch"])
             step_loss = torch.zeros((), device=device)
             for i, x, y in batches:
