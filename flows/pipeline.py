@@ -8,8 +8,11 @@ One DAG definition.  The stage list and order come from ``dvc.yaml`` (its ``stag
 order); each stage is one Prefect task that runs ``dvc repro --single-item <stage>`` (``-s``: that stage only,
 not its upstream), so DVC decides exactly as it does locally whether the stage changed: an unchanged stage is
 skipped, data versions stay DVC's (``dvc.lock`` and the DVC cache), and a flow run that failed at stage k
-resumes at stage k when run again, because stages 1..k-1 are up to date.  The tasks run sequentially; there is
-no Prefect caching (``NO_CACHE``): DVC is the cache.
+resumes at stage k when run again, because stages 1..k-1 are up to date.  To spare a DVC start-up per unchanged
+stage (about 0.6 s each on a small CPU), the flow first asks ``dvc status`` once: a stage it reports unchanged,
+with no stage before it run in this flow, is skipped by its task without starting DVC again (that is exactly
+what ``dvc repro -s`` would decide); from the first stage that runs on, every stage goes through
+``dvc repro -s``.  The tasks run sequentially; there is no Prefect caching (``NO_CACHE``): DVC is the cache.
 
 Parameter overrides (``overrides=["train.lr=0.002"]``, CLI ``--set``) are applied the way ``dvc exp run -S``
 applies them: DVC edits ``params.yaml`` in the workspace with Hydra's override grammar
@@ -93,8 +96,10 @@ ENV_REMOTE = "keel-env"       # the local DVC remote made from KEEL_DVC_REMOTE_U
 _TRANSIENT = re.compile(
     r"connection refused|connection reset|connection aborted|broken pipe|timed out|timeout|"
     r"temporary failure in name resolution|name or service not known|could not connect|"
-    r"endpointconnectionerror|slowdown|throttl|too many requests|service unavailable|internalerror|"
-    r"\b(429|500|502|503|504)\b|database is locked|remotedisconnected|max retries exceeded", re.IGNORECASE)
+    r"endpointconnectionerror|slow ?down|throttl|too many requests|service unavailable|internalerror|"
+    r"(?:status|code|http|error)\D{0,3}(?:429|500|502|503|504)\b|\((?:429|500|502|503|504)\)|"
+    r"database is locked|remotedisconnected|"
+    r"max retries exceeded", re.IGNORECASE)
 _ERROR_LINE = re.compile(r"^keel [\w-]+: error:")
 
 
@@ -126,6 +131,13 @@ def project_root(project_dir: str | os.PathLike | None = None) -> Path:
     if not (root / "dvc.yaml").is_file():
         raise FlowError(f"{root}: no dvc.yaml here; run from the keel project root or pass project_dir")
     return root
+
+
+def use_checkout(root: Path) -> None:
+    """Import ``tasks`` (the params schema) from this checkout, as the stage subprocesses do (PYTHONPATH), even
+    when a worker loaded the flow from elsewhere or another copy of keel is installed in the environment."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
 
 
 def stage_names(root: Path) -> list[str]:
@@ -328,6 +340,17 @@ def metrics_show(root: Path, env: dict[str, str]) -> dict[str, Any]:
     return {path: v.get("data", v.get("error")) for path, v in ws.items()}
 
 
+def changed_stages(root: Path, env: dict[str, str]) -> set[str] | None:
+    """Stages that ``dvc status`` reports as changed (one DVC start-up for the whole DAG); None if unknown."""
+    r = _quiet(dvc("status", "--json"), root, env)
+    if r.returncode != 0:
+        return None
+    try:
+        return set(json.loads(r.stdout or "{}"))
+    except ValueError:
+        return None
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -351,9 +374,14 @@ def _retry_if_transient(task, task_run, state) -> bool:
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
-def run_stage(stage: str, project_dir: str, force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item [--force] <stage>``; raises StageFailed with the stage's own message."""
+def run_stage(stage: str, project_dir: str, force: bool = False, up_to_date: bool = False) -> dict[str, Any]:
+    """``dvc repro --single-item [--force] <stage>``; raises StageFailed with the stage's own message.
+    ``up_to_date``: DVC's status already says the stage is unchanged (and nothing upstream ran): skipped without
+    starting DVC again."""
     log = get_run_logger()
+    if up_to_date and not force:
+        log.info(f"stage {stage}: unchanged (dvc status), skipped")
+        return {"stage": stage, "status": "skipped", "forced": False, "command_seconds": 0.0}
     root = Path(project_dir)
     cmd = dvc("repro", "--single-item", *(["--force"] if force else []), stage)
     t0 = time.perf_counter()
@@ -556,7 +584,9 @@ def publish_artifacts(root: Path, paths, result: dict[str, Any]) -> None:
                f"{s.get('task_seconds', '-')} |" for s in result["stages"]]
         md += ["", f"- overrides: {result['overrides'] or 'none'}",
                f"- dvc.lock sha256: `{result['dvc_lock']['sha256']}`",
-               f"- push: {result['push']}"]
+               f"- push: {result['push']}", "", "| stage | output | md5 |", "|---|---|---|"]
+        md += [f"| {st} | {path} | `{md5}` |" for st, outs in result["dvc_lock"]["stages"].items()
+               for path, md5 in outs.items()]
         create_markdown_artifact("\n".join(md), key="keel-run", description="stages, overrides, data version")
 
     for name, fn in (("keel-data-audit", audit), ("keel-leakage", leakage), ("keel-validation", validation),
@@ -586,6 +616,7 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
     log = get_run_logger()
     t_flow = time.perf_counter()
     root = project_root(project_dir)
+    use_checkout(root)
     stages = stage_names(root)
     forced = set(stages) if force is True else set(force or [])
     unknown = sorted(forced - set(stages))
@@ -603,19 +634,26 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
     io_opts = {"retries": io_retries, "retry_delay_seconds": backoff, "retry_jitter_factor": 0.5,
                "retry_condition_fn": _retry_if_transient}
 
+    env = subprocess_env(root)
+    # One `dvc status` for the DAG: a stage it reports unchanged, with nothing upstream run in this flow, is what
+    # `dvc repro -s` would skip, so its task skips it without another DVC start-up. From the first stage that
+    # runs on, every later stage goes through `dvc repro -s` (what changed is then DVC's to decide).
+    changed = None if forced >= set(stages) else changed_stages(root, env)
+    upstream_ran = False
     results: list[dict[str, Any]] = []
     for stage in stages:
         t0 = time.perf_counter()
+        up_to_date = changed is not None and stage not in changed and not upstream_ran
         if stage == "train" and nnodes > 1:
             res = run_train_multinode(str(root), nnodes, rdzv_endpoint, rdzv_id, rdzv_is_host, stage in forced)
         else:
             io_bound = stage == "register" or (stage == "ingest" and params.ingest.source.startswith("s3://"))
             runner = run_stage.with_options(**io_opts) if io_bound else run_stage
-            res = runner(stage, str(root), stage in forced)
+            res = runner(stage, str(root), stage in forced, up_to_date)
         res["task_seconds"] = round(time.perf_counter() - t0, 3)
         results.append(res)
+        upstream_ran = upstream_ran or res["status"] != "skipped"
 
-    env = subprocess_env(root)
     result: dict[str, Any] = {"project": str(root), "stages": results, "overrides": applied,
                               "dvc_lock": lock_summary(root), "metrics": metrics_show(root, env)}
     reg = _read_json(root / params.paths.register_report) or {}
@@ -644,6 +682,7 @@ def join_train(nnodes: int, rdzv_endpoint: str, rdzv_id: str, project_dir: str |
     from tasks.config import load_params
 
     root = project_root(project_dir)
+    use_checkout(root)
     cmd = torchrun_command(load_params(root / PARAMS_FILE).train.devices, nnodes, rdzv_endpoint, rdzv_id,
                            rdzv_is_host)
     print(" ".join(cmd), flush=True)
@@ -680,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise FlowError("--join-train needs --nnodes >= 2 and --rdzv-endpoint")
             return join_train(args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.project_dir, is_host)
         # fail fast, before Prefect starts, on a bad override (the flow validates again)
-        apply_overrides(project_root(args.project_dir), args.overrides, write=False)
+        root = project_root(args.project_dir)
+        use_checkout(root)
+        apply_overrides(root, args.overrides, write=False)
         force: bool | list[str] = True if "all" in args.force else args.force
         result = pipeline(overrides=args.overrides, push=args.push, remote=args.remote, force=force,
                           nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,

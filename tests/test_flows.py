@@ -140,7 +140,9 @@ def test_retries_only_on_transient_io_failures():
     assert fp._retry_if_transient(None, None, S(transient))
     assert not fp._retry_if_transient(None, None, S(fp.StageFailed("ingest", 1, "keel ingest: error: no such bucket")))
     assert fp._TRANSIENT.search("botocore.exceptions.EndpointConnectionError: Could not connect")
-    assert not fp._TRANSIENT.search("keel validate: error: validation failed")
+    assert fp._TRANSIENT.search("botocore: An error occurred (503) when calling GetObject: Slow Down")
+    assert fp._TRANSIENT.search("HTTP 503 Service Unavailable") and fp._TRANSIENT.search("status code: 429")
+    assert not fp._TRANSIENT.search("keel validate: error: validation failed; val loss 0.500 after 500 steps")
 
 
 def test_push_remote_from_keel_dvc_remote_url(tmp_path, monkeypatch):
@@ -289,7 +291,8 @@ def test_flow_runs_every_stage_then_skips_refuses_fails_and_resumes(flow_clone):
     assert reg["status"] == "registered" and str(reg["version"]) == "1" and "champion" in reg["aliases"], reg
     assert reg["model_uri"] == "models:/keel-classifier@champion" and reg["tracking_uri"].startswith("sqlite:")
     assert result["push"]["pushed"] and result["push"]["remote"] == "s3remote", result["push"]
-    assert "Running stage 'train'" in first.stderr + first.stdout  # the stages' output is in the flow's log
+    log = first.stderr + first.stdout  # the stages' output is in the flow's log
+    assert "Running stage 'train'" in log and "> torchrun --standalone --nproc_per_node=1 -m tasks.cli train" in log
 
     # 2) a second run changes nothing: every stage skipped by DVC, dvc.lock untouched
     r, again = _flow(clone, env, "--no-push")
