@@ -99,10 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.train.model import ModelConfigError
 
             try:
-                if args.stage == "preflight" or (params.train.preflight and os.environ.get("RANK", "0") == "0"):
+                checked = args.stage == "preflight" or (params.train.preflight and os.environ.get("RANK", "0") == "0")
+                if checked:
                     preflight.require(params)  # PreflightFailed (a DataError) stops the stage
                 if args.stage == "train":
-                    loop.run(params.train, params.paths, logger=_tracker(params, args.stage))
+                    tracker = _tracker(params, args.stage)
+                    if checked and tracker is not None:  # the checklist this run passed, on its MLflow run
+                        tracker.log_artifact(preflight.report_path(params.paths))
+                    loop.run(params.train, params.paths, logger=tracker)
             except (loop.TrainError, ModelConfigError) as exc:
                 raise DataError(str(exc)) from None
         elif args.stage == "evaluate":

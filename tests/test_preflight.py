@@ -254,3 +254,29 @@ def test_config_sections_are_typed(tmp_path):
     (tmp_path / "p.yaml").write_text("preflight:\n  allow_dirty: true\nreproduce:\n  val_tolerance: 0.01\n")
     params = load_params(tmp_path / "p.yaml")
     assert params.preflight.allow_dirty and params.reproduce.val_tolerance == 0.01
+
+
+def test_train_logs_the_passed_checklist_on_its_mlflow_run(digits_pipeline, tmp_path, monkeypatch):
+    """The wiring, not the checks: when train.preflight is on, the report it passed lands on the training run."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import preflight as pf
+
+    p, *_ = digits_pipeline
+    paths = pf_paths(p, tmp_path)
+    calls = []
+
+    def passed(params, **_):
+        calls.append(1)
+        io.write_json(pf.report_path(params.paths), {"passed": True, "items": []})
+
+    monkeypatch.setattr(pf, "require", passed)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("KEEL_TRACKING", raising=False)
+    params = {"paths": paths.model_dump(), "train": {"model": "resnet10t", "batch_size": 32, "epochs": 1,
+                                                     "max_steps": 2, "warmup_steps": 1, "preflight": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["train", "--params", str(tmp_path / "params.yaml")]) == 0 and calls == [1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("keel").experiment_id])[0]
+    assert "preflight.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
