@@ -198,7 +198,8 @@ def _lookup(d: Any, key: str) -> tuple[bool, Any]:
 def apply_overrides(root: Path, overrides: list[str] | None, write: bool = True) -> dict[str, Any]:
     """Apply ``key=value`` overrides to params.yaml as ``dvc exp run -S`` does, validated before anything is
     written; returns {key: value as now in params.yaml}.  ``write=False`` only validates."""
-    overrides = [o.strip() for o in overrides or [] if o and o.strip()]
+    # "params.yaml:key=value" (dvc's form naming the file) is the same as "key=value"
+    overrides = [o.strip().removeprefix(f"{PARAMS_FILE}:") for o in overrides or [] if o and o.strip()]
     if not overrides:
         return {}
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
@@ -209,8 +210,6 @@ def apply_overrides(root: Path, overrides: list[str] | None, write: bool = True)
     current = yaml.safe_load(params_path.read_text()) or {}
     keys = []
     for ov in overrides:
-        if ov.startswith("params.yaml:"):
-            ov = ov.split(":", 1)[1]
         key, eq, _ = ov.partition("=")
         key = key.strip()
         if not eq or not key:
@@ -231,8 +230,7 @@ def apply_overrides(root: Path, overrides: list[str] | None, write: bool = True)
         trial = Path(tmp) / PARAMS_FILE
         shutil.copyfile(params_path, trial)
         try:
-            dvc_apply_overrides(str(trial), [o.split(":", 1)[1] if o.startswith("params.yaml:") else o
-                                             for o in overrides])
+            dvc_apply_overrides(str(trial), overrides)
         except Exception as exc:  # noqa: BLE001 - dvc's InvalidArgumentError (Hydra parse/compose errors)
             cause = exc.__cause__ or exc
             raise OverrideError(f"--set {' '.join(overrides)}: {cause}") from None

@@ -104,7 +104,7 @@ def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     with pytest.raises(fp.OverrideError, match="KEY=VALUE"):
         fp.apply_overrides(tmp_path, ["train.lr"])
     assert (tmp_path / "params.yaml").read_bytes() == before  # nothing written by a refused override
-    assert fp.apply_overrides(tmp_path, ["train.lr=0.002"], write=False) == {"train.lr": 0.002}
+    assert fp.apply_overrides(tmp_path, ["params.yaml:train.lr=0.002"], write=False) == {"train.lr": 0.002}
     assert (tmp_path / "params.yaml").read_bytes() == before
     got = fp.apply_overrides(tmp_path, ["train.lr=0.002", "shard.resolution=16", "+train.max_steps=7"])
     assert got == {"train.lr": 0.002, "shard.resolution": 16, "train.max_steps": 7}
