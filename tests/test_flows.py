@@ -1,7 +1,7 @@
 """The Prefect flow over the DVC stages (flows/pipeline.py) and its deployments (prefect.yaml).
 
 Slow tests, each on a fresh copy of the repo and the built-in digits (training shortened to 5 epochs through
-the flow's own ``--set`` overrides, well above the register gate):
+the flow's own ``--set`` overrides, well above the register gate; one torch thread, see ``_clean_env``):
 - the flow run locally against Prefect's ephemeral API (``python -m flows.pipeline``): all seven stages and a
   ``dvc push`` to a real S3 server (SeaweedFS), a second run that skips every stage, a bad override refused
   before any stage with the key named, a failing stage's own message, and a re-run that resumes at that stage;
@@ -168,7 +168,10 @@ def _clean_env(**extra: str) -> dict[str, str]:
     for k in [k for k in env if k.startswith(("PREFECT_", "AWS_", "MLFLOW_TRACKING", "KEEL_DVC"))]:
         del env[k]
     env.update(MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", PREFECT_SERVER_UI_ENABLED="false")
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", PREFECT_SERVER_UI_ENABLED="false",
+               # one torch thread: on a shared 2-core machine two threads that lose a core run ~2-4x slower
+               # (training here: 28 s with one thread under load, 21-50 s with two)
+               OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
