@@ -58,7 +58,7 @@ def run(cfg: ReproduceConfig, paths: Paths, model: str, *, root: str | Path = ".
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    mv = _resolve(client, model)
+    mv = resolve_version(client, model)
     tags = dict(mv.tags)
     absent = [f"{TAG}{k}" for k in REQUIRED_TAGS if not tags.get(f"{TAG}{k}") or tags[f"{TAG}{k}"] in ("none",
                                                                                                          "absent")]
@@ -105,7 +105,8 @@ def run(cfg: ReproduceConfig, paths: Paths, model: str, *, root: str | Path = ".
 
 
 # ---------------------------------------------------------------- inputs
-def _resolve(client, model: str):
+def resolve_version(client, model: str):
+    """The registered version MODEL names (models:/<name>/<version>, models:/<name>@<alias> or a run id)."""
     from mlflow.exceptions import MlflowException
 
     m = _URI.match(model.strip())

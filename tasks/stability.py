@@ -198,7 +198,7 @@ def _tag(params: Params, report: StabilityReport, out_dir: Path, root: str | Pat
          tracking_uri: str | None) -> str | None:
     """Tag the registered version (when there is one) and log the report on its run; returns models:/name/v."""
     from tasks import tracking
-    from tasks.reproduce import ReproduceError, _resolve
+    from tasks.reproduce import ReproduceError, resolve_version
 
     model = params.stability.model or f"models:/{params.register_.model_name}@champion"
     uri = tracking_uri or tracking.tracking_uri(Path(root))
@@ -210,10 +210,10 @@ def _tag(params: Params, report: StabilityReport, out_dir: Path, root: str | Pat
 
     client = MlflowClient(tracking_uri=uri)
     try:
-        mv = _resolve(client, model)
+        mv = resolve_version(client, model)
     except ReproduceError as exc:
         if params.stability.model is not None:  # asked for explicitly: a missing model is an error
-            raise StabilityError(str(exc).replace("reproduce", "stability")) from None
+            raise StabilityError(str(exc)) from None
         print(f"stability: {model} not found; nothing to tag", file=sys.stderr)
         return None
     client.set_model_version_tag(mv.name, mv.version, "keel.stability", report.verdict)
