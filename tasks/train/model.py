@@ -17,13 +17,20 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, resolution: i
     """timm model with a fresh ``num_classes`` head; returns (model, init report)."""
     import timm
 
+    from tasks.train import nets  # registers keel's small networks with timm
+
     if cfg.model not in timm.list_models() and cfg.model not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{cfg.model.split('.')[0][:6]}*")[:8]
         raise ModelConfigError(f"train.model: unknown timm model {cfg.model!r}" + (f"; close names: {close}" if close else ""))
     model = timm.create_model(cfg.model, pretrained=cfg.pretrained == "timm", num_classes=num_classes,
                               in_chans=in_chans, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
     report: dict = {"model": cfg.model, "pretrained": cfg.pretrained}
-    if cfg.small_input_stem and resolution <= 64 and isinstance(getattr(model, "conv1", None), nn.Conv2d) \
+    if isinstance(model, nets.KeelCifarNet):
+        if resolution < nets.MIN_RESOLUTION:
+            raise ModelConfigError(f"train.model: {cfg.model} needs images of at least {nets.MIN_RESOLUTION} px (a 2x2 "
+                                   f"stem, then three 2x max-pools); shard.resolution is {resolution}")
+        report["stem"] = "2x2 stride 1 (built for small inputs)"
+    elif cfg.small_input_stem and resolution <= 64 and isinstance(getattr(model, "conv1", None), nn.Conv2d) \
             and hasattr(model, "maxpool"):
         # ResNets downsample 4x in the stem, which leaves 2x2 maps at 32 px: the CIFAR-style stem keeps resolution
         old = model.conv1
