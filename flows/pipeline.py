@@ -40,13 +40,18 @@ with ``rdzv_endpoint``) the train task cannot use that cmd (``--standalone`` is 
     3. ``dvc commit --force train``, so ``dvc.lock`` records the params, deps and outputs as if
        ``dvc repro`` had run the stage (and the outputs go to the DVC cache for ``dvc push``).
 
-    The other N-1 nodes run the same torchrun line with the same endpoint and id (e.g. the Indexed Job of
-    ``infra/k8s/train/multinode-job.yaml`` with ``completions: N-1`` and ``RDZV_HOST`` pointing at this flow
-    run's pod, or ``python -m flows.pipeline --join-train --nnodes N --rdzv-endpoint ... --rdzv-id ...`` on each
-    of them).  The c10d store is hosted by the node whose address is the endpoint's host (torch decides by
-    hostname, or ``rdzv_is_host`` says so explicitly).  Every node must see the same workspace (the shared
-    ``keel-workspace`` volume on the cluster): ranks read the shards there and global rank 0 writes
-    ``models/``, ``metrics/`` and ``reports/train/`` there; the flow's node then commits them.
+    The other N-1 nodes run the same torchrun line with the same endpoint and id:
+    ``python -m flows.pipeline --join-train --nnodes N --rdzv-endpoint ... --rdzv-id ... --wait-s S`` on each of
+    them (on the cluster: the Indexed Job ``infra/k8s/train/join-train-job.yaml``, the endpoint being the headless
+    Service that selects this flow run's pod).  ``--wait-s`` first waits, up to S seconds, until the endpoint
+    accepts a TCP connection (this node's torchrun opens it when the train stage starts, after the earlier
+    stages), printing progress every ~30 s; on timeout it exits 1 naming the endpoint.  The c10d store is hosted
+    by the node whose address is the endpoint's host (torch decides by hostname, or ``rdzv_is_host`` says so
+    explicitly).  Each node's torchrun is told its own address (``--local_addr``) when ``KEEL_LOCAL_ADDR`` is set
+    (the pod IP on the cluster): the rank-0 node, whichever it is, publishes that address to the others, so pods
+    need no resolvable host names.  Every node must see the same workspace (the shared ``keel-workspace``
+    volume on the cluster, prepared by ``flows.workspace``): ranks read the shards and ``params.yaml`` there and
+    global rank 0 writes ``models/``, ``metrics/`` and ``reports/train/`` there; the flow's node then commits them.
 
 After every stage succeeded: ``dvc push`` to ``remote`` (a remote name), else to the DVC default remote, else
 (neither configured) skipped with a log line; ``push=False`` (CLI ``--no-push``) skips it.  When
@@ -74,6 +79,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -93,6 +99,9 @@ PARAMS_FILE = "params.yaml"
 IO_RETRY_BACKOFF_S = 5.0      # first retry after ~5 s, then ~10 s, ~20 s (exponential, with jitter)
 MULTINODE_MAX_RESTARTS = 3    # torchrun restarts of the whole worker group (training resumes from models/last.pt)
 ENV_REMOTE = "keel-env"       # the local DVC remote made from KEEL_DVC_REMOTE_URL
+LOCAL_ADDR_ENV = "KEEL_LOCAL_ADDR"  # this node's address for torchrun --local_addr (the pod IP on the cluster)
+JOIN_POLL_S = 2.0             # --join-train --wait-s: a TCP connect to the rendezvous endpoint this often
+JOIN_REPORT_S = 30.0          # ... and a progress line this often
 _TRANSIENT = re.compile(
     r"connection refused|connection reset|connection aborted|broken pipe|timed out|timeout|"
     r"temporary failure in name resolution|name or service not known|could not connect|"
@@ -248,17 +257,67 @@ def apply_overrides(root: Path, overrides: list[str] | None, write: bool = True)
 
 
 def torchrun_command(nproc_per_node: int, nnodes: int, rdzv_endpoint: str, rdzv_id: str,
-                     is_host: bool | None = None, max_restarts: int = MULTINODE_MAX_RESTARTS) -> list[str]:
-    """The multi-node launch of the train stage on one node (every node runs the same line)."""
+                     is_host: bool | None = None, max_restarts: int = MULTINODE_MAX_RESTARTS,
+                     local_addr: str | None = None) -> list[str]:
+    """The multi-node launch of the train stage on one node (every node runs the same line).  ``local_addr``:
+    this node's address as the other nodes reach it (default: torch uses this host's FQDN)."""
     if nnodes < 2:
         raise FlowError("torchrun_command is for nnodes >= 2; one node runs dvc.yaml's --standalone cmd")
-    if not rdzv_endpoint or ":" not in rdzv_endpoint:
-        raise FlowError(f"rdzv_endpoint must be host:port (got {rdzv_endpoint!r})")
+    _split_endpoint(rdzv_endpoint)
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}",
            "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
     if is_host is not None:
         cmd.append(f"--rdzv_conf=is_host={int(bool(is_host))}")
+    if local_addr:
+        cmd.append(f"--local_addr={local_addr}")
     return cmd + [f"--max_restarts={max_restarts}", "-m", "tasks.cli", "train"]
+
+
+def _split_endpoint(rdzv_endpoint: str | None) -> tuple[str, int]:
+    host, _, port = (rdzv_endpoint or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise FlowError(f"rdzv_endpoint must be host:port (got {rdzv_endpoint!r})")
+    return host, int(port)
+
+
+def local_addr() -> str | None:
+    """This node's address for torchrun (``KEEL_LOCAL_ADDR``; the pod IP on the cluster), else None."""
+    return os.environ.get(LOCAL_ADDR_ENV, "").strip() or None
+
+
+def wait_for_endpoint(rdzv_endpoint: str, wait_s: float, poll_s: float = JOIN_POLL_S,
+                      report_s: float = JOIN_REPORT_S) -> float:
+    """Wait until ``host:port`` accepts a TCP connection (the rendezvous host's torchrun is up); returns the
+    seconds waited.  A name that does not resolve yet (the host's pod not scheduled) counts as not up.  Prints a
+    progress line every ``report_s``; raises FlowError naming the endpoint after ``wait_s`` seconds."""
+    host, port = _split_endpoint(rdzv_endpoint)
+    print(f"join-train: waiting up to {wait_s:g} s for the rendezvous at {rdzv_endpoint}", flush=True)
+    t0 = time.monotonic()
+    next_report = t0 + report_s
+    last = "not tried"
+    while True:
+        left = wait_s - (time.monotonic() - t0)
+        try:
+            with socket.create_connection((host, port), timeout=max(0.2, min(5.0, left))):
+                waited = time.monotonic() - t0
+                print(f"join-train: rendezvous {rdzv_endpoint} is up (waited {waited:.0f} s)", flush=True)
+                return waited
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if now - t0 >= wait_s:
+            raise FlowError(
+                f"--join-train: nothing accepted a connection at {rdzv_endpoint} within {wait_s:g} s (last: {last}). "
+                f"Check that the flow run with nnodes >= 2 and rdzv_endpoint={rdzv_endpoint} is running and has "
+                "reached its train stage (its torchrun opens the rendezvous then; a train stage that DVC finds "
+                f"unchanged is skipped and opens none), that {host} resolves from this node (on the cluster: the "
+                "headless Service keel-flow-rdzv selects the flow-run pod through its keel.dev/rendezvous label) "
+                f"and that port {port} is reachable (network policies)")
+        if now >= next_report:
+            print(f"join-train: waiting for the rendezvous at {rdzv_endpoint} ({now - t0:.0f} of {wait_s:g} s; "
+                  f"{last})", flush=True)
+            next_report += report_s
+        time.sleep(max(0.0, min(poll_s, wait_s - (now - t0))))
 
 
 def error_detail(stderr: str, stdout: str = "", n: int = 20) -> str:
@@ -414,7 +473,7 @@ def run_train_multinode(project_dir: str, nnodes: int, rdzv_endpoint: str, rdzv_
             return {"stage": stage, "status": "skipped", "forced": False,
                     "command_seconds": round(time.perf_counter() - t0, 3)}
     nproc = load_params(root / PARAMS_FILE).train.devices
-    cmd = torchrun_command(nproc, nnodes, rdzv_endpoint, rdzv_id, rdzv_is_host)
+    cmd = torchrun_command(nproc, nnodes, rdzv_endpoint, rdzv_id, rdzv_is_host, local_addr=local_addr())
     log.info("multi-node train: " + " ".join(cmd))
     rc, out, err = run_logged(cmd, root, env, log)
     if rc != 0:
@@ -675,14 +734,19 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
 
 
 def join_train(nnodes: int, rdzv_endpoint: str, rdzv_id: str, project_dir: str | None = None,
-               rdzv_is_host: bool | None = None) -> int:
-    """A non-flow node of a multi-node training: the same torchrun line, no DVC (the flow's node commits)."""
-    from tasks.config import load_params
-
+               rdzv_is_host: bool | None = None, wait_s: float = 0.0) -> int:
+    """A non-flow node of a multi-node training: the same torchrun line, no DVC (the flow's node commits).
+    ``wait_s`` > 0: first wait that long at most for the rendezvous endpoint to accept connections (the
+    project is read after that: on the cluster the flow's pod prepares the shared workspace before its train)."""
+    _split_endpoint(rdzv_endpoint)
+    if wait_s > 0:
+        wait_for_endpoint(rdzv_endpoint, wait_s)
     root = project_root(project_dir)
     use_checkout(root)
+    from tasks.config import load_params  # the project's own (after use_checkout)
+
     cmd = torchrun_command(load_params(root / PARAMS_FILE).train.devices, nnodes, rdzv_endpoint, rdzv_id,
-                           rdzv_is_host)
+                           rdzv_is_host, local_addr=local_addr())
     print(" ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=root, env=subprocess_env(root), check=False).returncode
 
@@ -705,6 +769,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the flow's result as JSON on stdout")
     p.add_argument("--join-train", action="store_true",
                    help="only join a multi-node training as a non-flow node (no DVC, no Prefect)")
+    p.add_argument("--wait-s", type=float, default=0.0, metavar="S",
+                   help="with --join-train: wait up to S seconds for the rendezvous endpoint to accept connections "
+                        "(the flow's node opens it when its train stage starts), then join; 0: join at once")
     return p
 
 
@@ -715,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.join_train:
             if args.nnodes < 2 or not args.rdzv_endpoint:
                 raise FlowError("--join-train needs --nnodes >= 2 and --rdzv-endpoint")
-            return join_train(args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.project_dir, is_host)
+            return join_train(args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.project_dir, is_host,
+                              wait_s=args.wait_s)
         # fail fast, before Prefect starts, on a bad override (the flow validates again)
         root = project_root(args.project_dir)
         use_checkout(root)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -23,8 +24,22 @@ def git(*args: str, root: str | Path = ".") -> str | None:
 DVC_WRITTEN = ("dvc.lock",)
 
 
+# Set by the image build (infra/Dockerfile: `--build-arg KEEL_GIT_SHA=$(git rev-parse HEAD)`): the commit the image's
+# code came from, for where there is no repository (the image has no .git).
+IMAGE_SHA_ENV = "KEEL_GIT_SHA"
+IMAGE_SHA_SOURCE = "KEEL_GIT_SHA (image build)"
+
+
 def git_state(root: str | Path = ".") -> dict:
+    """``git_sha`` (HEAD) and ``git_dirty`` (uncommitted changes to tracked files, dvc.lock aside) of the repository
+    at ``root``.  With no repository there (or no git), ``KEEL_GIT_SHA`` from the environment when it is set: then
+    ``git_dirty`` is None (unknown: the build context's state is not recorded) and ``git_sha_source`` says where the
+    SHA came from.  Neither: ``git_sha`` "unknown"."""
     sha = git("rev-parse", "HEAD", root=root)
+    if sha is None:
+        built = os.environ.get(IMAGE_SHA_ENV, "").strip()
+        if built and built != "unknown":  # the Dockerfile's default when no --build-arg was given
+            return {"git_sha": built, "git_dirty": None, "git_sha_source": IMAGE_SHA_SOURCE}
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                  *(f":(exclude){f}" for f in DVC_WRITTEN), root=root)
     return {"git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None}

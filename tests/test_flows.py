@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -59,6 +61,47 @@ def test_torchrun_command_for_several_nodes():
         fp.torchrun_command(1, 1, "h:1", "x")
     with pytest.raises(fp.FlowError, match="host:port"):
         fp.torchrun_command(1, 2, "nohostport", "x")
+    with pytest.raises(fp.FlowError, match="host:port"):
+        fp.torchrun_command(1, 2, "host:notaport", "x")
+    # this node's address, as the others reach it (the pod IP on the cluster: KEEL_LOCAL_ADDR)
+    cmd = fp.torchrun_command(8, 2, "svc.ns:29400", "r", is_host=False, local_addr="10.1.2.3")
+    assert cmd[cmd.index("--rdzv_conf=is_host=0") + 1] == "--local_addr=10.1.2.3"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]   # nobody listens once the socket is closed
+
+
+def test_join_train_wait_times_out_naming_the_endpoint(capsys):
+    endpoint = f"127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    rc = fp.main(["--join-train", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "x", "--wait-s", "1.5",
+                  "--project-dir", "/nonexistent"])
+    assert rc == 1 and 1.4 < time.monotonic() - t0 < 10
+    out = capsys.readouterr()
+    assert f"join-train: waiting up to 1.5 s for the rendezvous at {endpoint}" in out.out
+    err = out.err.strip()
+    assert err.startswith(f"keel flow: --join-train: nothing accepted a connection at {endpoint} within 1.5 s "
+                          "(last: ConnectionRefusedError"), err
+    assert "has reached its train stage" in err and "keel-flow-rdzv" in err
+
+
+def test_join_train_wait_reports_progress_then_returns_when_the_endpoint_opens(capsys):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{server.getsockname()[1]}"
+        opener = threading.Timer(1.0, server.listen)
+        opener.start()
+        waited = fp.wait_for_endpoint(endpoint, 30, poll_s=0.1, report_s=0.3)
+        opener.join()
+    assert 0.9 < waited < 10
+    out = capsys.readouterr().out
+    assert out.count(f"join-train: waiting for the rendezvous at {endpoint} (") >= 2, out
+    assert f"join-train: rendezvous {endpoint} is up" in out
+    with pytest.raises(fp.FlowError, match=r"unknown-host\.invalid resolves from this node"):
+        fp.wait_for_endpoint("unknown-host.invalid:29400", 0.3, poll_s=0.1)
 
 
 def test_multinode_train_task_skips_or_launches_then_commits(tmp_path, monkeypatch):
@@ -79,6 +122,7 @@ def test_multinode_train_task_skips_or_launches_then_commits(tmp_path, monkeypat
     monkeypatch.setattr(fp, "_quiet", quiet)
     monkeypatch.setattr(fp, "run_logged", logged)
     monkeypatch.setattr(fp, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.delenv(fp.LOCAL_ADDR_ENV, raising=False)
     res = fp.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid")
     assert res["status"] == "skipped" and calls == [fp.dvc("status", "train", "--json")]
     calls.clear()
@@ -87,6 +131,10 @@ def test_multinode_train_task_skips_or_launches_then_commits(tmp_path, monkeypat
     assert res["status"] == "ran"
     assert calls[1] == fp.torchrun_command(1, 2, "h0:29400", "rid", False)  # train.devices: 1 in params.yaml
     assert calls[2] == fp.dvc("commit", "--force", "train")
+    calls.clear()
+    monkeypatch.setenv(fp.LOCAL_ADDR_ENV, "10.0.0.7")   # the flow-run pod's IP (base job template)
+    fp.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid", rdzv_is_host=True)
+    assert calls[1] == fp.torchrun_command(1, 2, "h0:29400", "rid", True, local_addr="10.0.0.7")
 
 
 def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
@@ -378,18 +426,29 @@ def test_deployment_runs_on_a_real_server_through_a_process_worker(tmp_path):
               str(clone / "infra/prefect/k8s-base-job-template.json")], clone, env)
         _run([prefect, "--no-prompt", "deploy", "--all"], clone, env)
         deps = {d["name"]: d for d in _api(api, "/deployments/filter", {})}
-        assert set(deps) == {"keel-local", "keel-gpu-nightly"}
-        local, gpu = deps["keel-local"], deps["keel-gpu-nightly"]
+        assert set(deps) == {"keel-local", "keel-gpu-nightly", "keel-gpu-multinode"}
+        local, gpu, multi = deps["keel-local"], deps["keel-gpu-nightly"], deps["keel-gpu-multinode"]
         assert local["work_pool_name"] == "keel-local" and local["entrypoint"] == "flows/pipeline.py:pipeline"
         assert local["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(clone)}}]
-        assert gpu["work_pool_name"] == "keel-gpu"
-        assert gpu["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/keel"}}]
-        assert [s["schedule"]["cron"] for s in gpu["schedules"]] == ["0 2 * * *"]
+        assert gpu["work_pool_name"] == multi["work_pool_name"] == "keel-gpu"
+        # the cluster runs: the workspace volume prepared from the image's /opt/keel, then the flow runs in it
+        for d in (gpu, multi):
+            assert [list(s) for s in d["pull_steps"]] == [["prefect.deployments.steps.run_shell_script"],
+                                                          ["prefect.deployments.steps.set_working_directory"]]
+            assert d["pull_steps"][0]["prefect.deployments.steps.run_shell_script"]["script"] == \
+                "python -m flows.workspace --source /opt/keel --workspace /workspace"
+            assert d["pull_steps"][1]["prefect.deployments.steps.set_working_directory"] == {"directory": "/workspace"}
+        assert [s["schedule"]["cron"] for s in gpu["schedules"]] == ["0 2 * * *"] and not multi["schedules"]
         jv = gpu["job_variables"]
         assert jv["gpu_count"] == 8 and jv["image"] and jv["env"]["MLFLOW_TRACKING_URI"].startswith("http")
         assert not any("AWS" in k for k in jv["env"])  # credentials come from the Secret via the template
         assert gpu["parameters"]["nnodes"] == 1 and "rdzv_endpoint" in gpu["parameters"]
-        assert gpu["parameters"]["overrides"] == ["train.devices=8"]
+        assert gpu["parameters"]["overrides"] == multi["parameters"]["overrides"] == ["train.devices=8"]
+        # the YAML merge key gave the multi-node deployment the same job variables, plus its rendezvous label
+        assert multi["job_variables"] == {**jv, "pod_labels": {"keel.dev/role": "flow-run",
+                                                               "keel.dev/rendezvous": "keel-multinode"}}
+        assert multi["parameters"]["nnodes"] == 2 and multi["parameters"]["rdzv_is_host"] is True
+        assert multi["parameters"]["rdzv_endpoint"] == "keel-flow-rdzv.keel.svc.cluster.local:29400"
 
         with _process([prefect, "worker", "start", "--pool", "keel-local"], tmp_path, env,
                       tmp_path / "worker.log") as (worker, seen):

@@ -31,6 +31,8 @@ INFRA = ROOT / "infra"
 K8S = INFRA / "k8s"
 TEMPLATE = INFRA / "prefect" / "k8s-base-job-template.json"
 DOCKERFILE = INFRA / "Dockerfile"
+WORKSPACE = "/workspace"          # where pods mount the keel-workspace claim: the DVC project root on the cluster
+IMAGE_ROOT = "/opt/keel"          # the image's project files (read-only source of code and recipe)
 K8S_VERSIONS = ("1.30", "1.37")   # oldest still common on managed clusters .. newest schemas bundled
 NAMESPACE = "keel"
 # ConfigMaps the README creates from files (kubectl create configmap --from-file), not from a manifest
@@ -216,8 +218,17 @@ def test_every_reference_resolves_to_an_object_and_key_that_exist():
     assert defaults["namespace"] == NAMESPACE
 
 
+def _flow_run_pod(deployment: str) -> tuple[dict, dict]:
+    """(a stand-in workload, the pod template) of a flow run of a prefect.yaml deployment on the keel-gpu pool: the
+    base job template rendered with the deployment's job variables, as the worker renders it."""
+    jv = prefect_deployments()[deployment]["work_pool"]["job_variables"]
+    job = _render_template(json.loads(TEMPLATE.read_text()), jv)["job_manifest"]
+    return {"kind": "Job", "metadata": {"name": f"flow run of {deployment}"}}, job["spec"]["template"]
+
+
 def test_services_select_pods_and_ports():
     pods = [(wl, tpl) for _, wl, tpl in pod_templates()]
+    pods += [_flow_run_pod(name) for name in ("keel-gpu-nightly", "keel-gpu-multinode")]
     for name, svc in by_kind("Service").items():
         selector = svc["spec"]["selector"]
         matches = [(wl, tpl) for wl, tpl in pods if selector.items() <= tpl["metadata"]["labels"].items()]
@@ -329,13 +340,25 @@ def test_multinode_job_is_consistent():
         assert flag in script, flag
     assert env["RDZV_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
         "metadata.labels['batch.kubernetes.io/controller-uid']"
-    # /dev/shm in memory, the shared workspace for data/ and models/
+    # /dev/shm in memory; the shared workspace volume is the DVC project root, prepared by pod 0 from the image
     vols = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert vols[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
-    assert {"/opt/keel/data", "/opt/keel/models"} <= mounts.keys()
-    assert vols[mounts["/opt/keel/data"]["name"]]["persistentVolumeClaim"]["claimName"] == "keel-workspace"
+    _assert_workspace_mount(c, pod, f"{job['metadata']['name']}")
+    assert env["WORKSPACE"]["value"] == WORKSPACE
+    assert f"python -m flows.workspace --source {IMAGE_ROOT} --workspace \"$WORKSPACE\"" in script
+    assert script.index("flows.workspace") < script.index("torchrun") and 'cd "$WORKSPACE"' in script
     assert by_kind("PersistentVolumeClaim")["keel-workspace"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def _assert_workspace_mount(container: dict, pod: dict, where: str) -> None:
+    """The keel-workspace claim mounted whole (no subPath) at /workspace, and nothing over the image's /opt/keel."""
+    vols = {v["name"]: v for v in pod["volumes"]}
+    claims = [m for m in container["volumeMounts"] if "persistentVolumeClaim" in vols[m["name"]]]
+    assert claims == [{"name": claims[0]["name"], "mountPath": WORKSPACE}], f"{where}: {claims}"
+    claim = vols[claims[0]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim in ("keel-workspace", "{{ workspace_claim }}"), f"{where}: {claim}"
+    assert not [m for m in container["volumeMounts"] if m["mountPath"].startswith(IMAGE_ROOT)], where
 
 
 PROBE = """\
@@ -363,11 +386,15 @@ def test_multinode_launch_script_rendezvous_on_loopback(tmp_path):
         free = s.getsockname()[1]
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    script = c["args"][-1].replace(f":{port}", f":{free}").replace("-m tasks.cli train", shlex.quote(str(probe)))
-    assert script != c["args"][-1]
+    image = image_root(tmp_path / "image")
+    script = (c["args"][-1].replace(f":{port}", f":{free}").replace("-m tasks.cli train", shlex.quote(str(probe)))
+              .replace(f"--source {IMAGE_ROOT}", f"--source {shlex.quote(str(image))}"))
+    assert script.count(str(image)) == 1 and str(probe) in script
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()   # the volume's mount point
     env = dict(os.environ, NNODES="2", GPUS_PER_NODE="1", RDZV_HOST="127.0.0.1", RDZV_ID=f"t-{uuid.uuid4().hex[:8]}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
-               GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+               GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", WORKSPACE=str(workspace))
     procs = [subprocess.Popen([*c["args"][:-1], script], env=dict(env, JOB_COMPLETION_INDEX=str(i)), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for i in (0, 1)]
@@ -383,6 +410,341 @@ def test_multinode_launch_script_rendezvous_on_loopback(tmp_path):
     joined = "\n----\n".join(outs)
     assert [p.returncode for p in procs] == [0, 0], joined
     assert "probe rank=0 world=2 sum=3" in joined and "probe rank=1 world=2 sum=3" in joined, joined
+    # pod 0 prepared the workspace from the image before its torchrun
+    assert (workspace / "dvc.yaml").read_bytes() == (image / "dvc.yaml").read_bytes()
+    assert "no_scm = true" in (workspace / ".dvc/config.local").read_text() and "synced tasks/" in joined
+
+
+# ------------------------------------------------------------------------------------------------ multi-node flow run
+
+def prefect_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+
+
+def _join_job():
+    svc, job = by_kind("Service")["keel-flow-rdzv"], by_kind("Job")["keel-join-train"]
+    return svc, job, job["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_join_train_job_matches_the_multinode_deployment():
+    svc, job, c = _join_job()
+    dep = prefect_deployments()["keel-gpu-multinode"]
+    params, jv = dep["parameters"], dep["work_pool"]["job_variables"]
+    env, spec, pod = env_of(c), job["spec"], job["spec"]["template"]["spec"]
+    nnodes = int(env["NNODES"]["value"])
+    assert nnodes == params["nnodes"] >= 2
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == nnodes - 1
+    # one rendezvous: the deployment's endpoint is the headless Service that selects (only) its flow-run pod
+    assert env["RDZV_ENDPOINT"]["value"] == params["rdzv_endpoint"]
+    assert env["RDZV_ID"]["value"] == params["rdzv_id"] and params["rdzv_is_host"] is True
+    port = svc["spec"]["ports"][0]["port"]
+    assert params["rdzv_endpoint"] == f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{port}"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    _, flow_pod = _flow_run_pod("keel-gpu-multinode")
+    selector = svc["spec"]["selector"].items()
+    assert selector <= flow_pod["metadata"]["labels"].items()
+    assert 29400 in {p["containerPort"] for p in flow_pod["spec"]["containers"][0]["ports"]}
+    _, nightly_pod = _flow_run_pod("keel-gpu-nightly")   # a one-node run never answers for the rendezvous
+    assert not selector <= nightly_pod["metadata"]["labels"].items()
+    assert not selector <= job["spec"]["template"]["metadata"]["labels"].items()
+    # GPUs per node: the joiners' limit = the flow pod's = train.devices of the run (its override)
+    devices = next(int(o.split("=")[1]) for o in params["overrides"] if o.startswith("train.devices="))
+    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == jv["gpu_count"] == devices
+    # the joiners wait, then run the flow's join line in the shared workspace (prepared by the flow's pod)
+    script = c["args"][-1]
+    for flag in ('--join-train', '--nnodes "$NNODES"', '--rdzv-endpoint "$RDZV_ENDPOINT"', '--rdzv-id "$RDZV_ID"',
+                 "--rdzv-is-host 0", '--wait-s "$WAIT_S"', '--project-dir "$WORKSPACE"'):
+        assert flag in script, flag
+    assert "flows.workspace" not in script and c["workingDir"] == IMAGE_ROOT
+    assert float(env["WAIT_S"]["value"]) >= 3600 and env["WORKSPACE"]["value"] == WORKSPACE
+    _assert_workspace_mount(c, pod, "keel-join-train")
+    for container in (c, flow_pod["spec"]["containers"][0]):   # torchrun --local_addr = the pod IP
+        assert env_of(container)["KEEL_LOCAL_ADDR"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+
+
+def test_cluster_deployments_run_in_the_workspace():
+    deps = prefect_deployments()
+    template = json.loads(TEMPLATE.read_text())
+    from prefect.utilities.schema_tools import validate
+
+    for name in ("keel-gpu-nightly", "keel-gpu-multinode"):
+        dep = deps[name]
+        assert dep["work_pool"]["name"] == "keel-gpu" and dep["entrypoint"] == "flows/pipeline.py:pipeline"
+        assert dep["pull"] == [
+            {"prefect.deployments.steps.run_shell_script": {
+                "id": "init-workspace", "script": f"python -m flows.workspace --source {IMAGE_ROOT} --workspace "
+                                                  f"{WORKSPACE}", "directory": IMAGE_ROOT, "stream_output": True}},
+            {"prefect.deployments.steps.set_working_directory": {"directory": WORKSPACE}}], name
+        jv = dep["work_pool"]["job_variables"]
+        validate(jv, template["variables"], raise_on_error=True, preprocess=True, ignore_required=True)
+        assert not any("AWS" in k for k in jv.get("env", {}))
+        _, pod = _flow_run_pod(name)
+        _assert_workspace_mount(pod["spec"]["containers"][0], pod["spec"], name)
+    assert deps["keel-gpu-nightly"]["parameters"]["nnodes"] == 1 and deps["keel-gpu-multinode"]["parameters"]["nnodes"] == 2
+    assert "schedules" not in deps["keel-gpu-multinode"]   # on demand, with its join Job
+
+
+# ------------------------------------------------------------------------------------------------ image and workspace
+
+def dockerignore_patterns() -> list[str]:
+    return [ln.strip() for ln in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
+            if ln.strip() and not ln.strip().startswith("#")]
+
+
+def _docker_pattern(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as a regex: Go's filepath.Match (``*`` and ``?`` stop at ``/``) plus ``**``, with
+    the pattern cleaned as Docker does (``tasks/`` is ``tasks``)."""
+    pat, out, i = pattern.strip("/"), "", 0
+    while i < len(pat):
+        if pat.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pat.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pat[i], re.escape(pat[i]))
+            i += 1
+    return re.compile(out)
+
+
+def in_build_context(rel: str, patterns: list[str] | None = None) -> bool:
+    """Whether the file ``rel`` (relative to the repository root) reaches the build context: as Docker decides it,
+    the last pattern matching the path or one of its parent folders wins, ``!`` letting it back in."""
+    patterns = dockerignore_patterns() if patterns is None else patterns
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    keep = True
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        if any(_docker_pattern(pattern[1:] if negate else pattern).fullmatch(p) for p in prefixes):
+            keep = negate
+    return keep
+
+
+def image_root(dest: Path) -> Path:
+    """What the image has at /opt/keel: this checkout's files that Dockerfile.dockerignore lets into the build
+    context (`COPY . .`; the install step then removes only its own build/ and *.egg-info)."""
+    patterns = dockerignore_patterns()
+    let_back = [p[1:].strip("/") for p in patterns if p.startswith("!")]
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        here = Path(dirpath).relative_to(ROOT)
+        # descend only where something can be in the context (Docker walks the same way)
+        dirnames[:] = [d for d in dirnames if in_build_context((here / d).as_posix(), patterns)
+                       or any(p.startswith((here / d).as_posix() + "/") for p in let_back)]
+        for f in filenames:
+            rel = (here / f).as_posix()
+            if in_build_context(rel, patterns):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def test_dockerignore_matcher_reads_patterns_as_docker_does():
+    patterns = ["*", "!tasks/", "!.dvc/config", "**/__pycache__", "**/*.pyc"]
+    assert in_build_context("tasks/train/loop.py", patterns) and in_build_context(".dvc/config", patterns)
+    for out in ("data/raw/x.parquet", ".dvc/config.local", ".dvc/cache/files/md5/ab/cd", "tasks/__pycache__/a.pyc",
+                "tasks/train/__pycache__/b.cpython-311.pyc", "README.md", ".git/HEAD", "tasksx/a.py"):
+        assert not in_build_context(out, patterns), out
+
+
+def _flow_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "KEEL_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+               DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", **extra)
+    return env
+
+
+def _run_pull_steps(steps: list[dict]) -> None:
+    """A deployment's pull steps, each called as Prefect's runner calls it (the step function with its inputs; the
+    templating and event reporting around it are left out: these steps have no placeholders)."""
+    import asyncio
+    import inspect
+
+    from prefect.utilities.importtools import import_object
+
+    for step in steps:
+        (fqn, inputs), = step.items()
+        out = import_object(fqn)(**{k: v for k, v in inputs.items() if k not in ("id", "requires")})
+        if inspect.isawaitable(out):
+            asyncio.run(out)
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_workspace_from_the_image_is_a_dvc_project_that_keeps_its_state(tmp_path, monkeypatch):
+    """The cluster deployment's own pull steps (prefect.yaml) turn an empty volume into a DVC project from the image's
+    files; real DVC runs there without git; a second init keeps dvc.lock and the data and updates the code."""
+    from flows.workspace import init_workspace
+
+    image, ws = image_root(tmp_path / "image"), tmp_path / "volume" / "workspace"
+    assert not (image / ".git").exists() and (image / ".dvc/config").is_file() and (image / ".dvcignore").is_file()
+    steps = prefect_deployments()["keel-gpu-nightly"]["pull"]
+    steps = json.loads(json.dumps(steps).replace(IMAGE_ROOT, str(image)).replace(WORKSPACE, str(ws)))
+    env = _flow_env(PYTHONPATH=str(ws))
+    monkeypatch.setenv("PATH", env["PATH"])           # the image's PATH has its venv first
+    monkeypatch.chdir(tmp_path)                       # set_working_directory chdirs; monkeypatch restores
+    _run_pull_steps(steps)
+    assert Path.cwd() == ws.resolve()
+    assert (ws / "dvc.lock").read_bytes() == (image / "dvc.lock").read_bytes()  # seeded: the volume had none
+    assert "no_scm = true" in (ws / ".dvc/config.local").read_text()
+    assert "no_scm" not in (ws / ".dvc/config").read_text()  # the committed config stays as it is
+    assert _tree_hashes(ws / "tasks") == _tree_hashes(image / "tasks")
+
+    def dvc(*args, check=True):
+        r = _run([sys.executable, "-m", "dvc", *args], cwd=ws, env=env, timeout=300)
+        assert not check or r.returncode == 0, f"dvc {args}: {r.stdout}\n{r.stderr}"
+        return r
+
+    assert "ingest" in json.loads(dvc("status", "--json").stdout)   # a DVC project without git; nothing run yet
+    r = dvc("repro", "ingest")
+    assert "Running stage 'ingest'" in r.stdout and "found 1797 = ingested 1797" in r.stdout + r.stderr
+    lock, data = (ws / "dvc.lock").read_bytes(), _tree_hashes(ws / "data")
+    assert b"ingest" in lock and data and lock != (image / "dvc.lock").read_bytes()
+
+    # the next pod, same image: nothing to do, so a no-op run skips the stage
+    lines = init_workspace(image, ws, echo=None)
+    assert "kept dvc.lock (the workspace's record of what each stage ran on)" in lines
+    assert re.search(r"^synced tasks/: 0 written, 0 removed, \d+ unchanged$", "\n".join(lines), re.MULTILINE)
+    assert json.loads(dvc("status", "ingest", "--json").stdout) == {}
+
+    # a new image: one module changed, one added; a file the image no longer has is removed from the workspace
+    (image / "tasks/ingest.py").write_text((image / "tasks/ingest.py").read_text() + "\n# changed\n")
+    (image / "tasks/new_helper.py").write_text("X = 1\n")
+    (ws / "tasks/stale_module.py").write_text("raise ImportError\n")
+    (ws / "params.yaml").write_text((ws / "params.yaml").read_text() + "\n# a run's override\n")
+    lines = init_workspace(image, ws, echo=None)
+    assert "synced tasks/: 2 written, 1 removed" in "\n".join(lines), lines
+    assert "updated params.yaml" in lines and "unchanged dvc.yaml" in lines
+    assert _tree_hashes(ws / "tasks") == _tree_hashes(image / "tasks")
+    assert (ws / "params.yaml").read_bytes() == (image / "params.yaml").read_bytes()   # the image's recipe
+    assert (ws / "dvc.lock").read_bytes() == lock and _tree_hashes(ws / "data") == data  # state kept
+    status = json.loads(dvc("status", "ingest", "--json").stdout)
+    assert "tasks/ingest.py" in json.dumps(status["ingest"]), status  # DVC sees the new code
+
+
+def test_workspace_errors_name_the_path(tmp_path, capsys):
+    from flows.workspace import WorkspaceError, init_workspace, main
+
+    image = tmp_path / "image"
+    image.mkdir()
+    for rel in ("dvc.yaml", "params.yaml", "pyproject.toml", "requirements.lock", ".dvcignore", ".dvc/config"):
+        (image / rel).parent.mkdir(parents=True, exist_ok=True)
+        (image / rel).write_text("x\n")
+    (image / "tasks").mkdir()
+    with pytest.raises(WorkspaceError, match=rf"^source {re.escape(str(image))}: flows missing: not a keel project"):
+        init_workspace(image, tmp_path / "ws", echo=None)
+    (image / "flows").mkdir()
+    missing = tmp_path / "nope"
+    assert main(["--source", str(missing), "--workspace", str(tmp_path / "ws")]) == 1
+    assert f"keel workspace: error: source {missing}: no such directory" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(WorkspaceError, match=rf"^workspace {re.escape(str(a_file))}: exists and is not a directory"):
+        init_workspace(image, a_file, echo=None)
+    with pytest.raises(WorkspaceError, match="overlap"):
+        init_workspace(image, image / "ws", echo=None)
+    ws = tmp_path / "ws"
+    (ws / "tasks").parent.mkdir()
+    (ws / "tasks").write_text("")
+    with pytest.raises(WorkspaceError, match=rf"^{re.escape(str(ws / 'tasks'))}: exists and is not a directory"):
+        init_workspace(image, ws, echo=None)
+    (ws / "tasks").unlink()
+    (ws / ".dvc/config.local").write_text("[core\nno_scm = \n")
+    with pytest.raises(WorkspaceError, match=rf"^{re.escape(str(ws / '.dvc/config.local'))}: not a readable DVC "):
+        init_workspace(image, ws, echo=None)
+    (ws / ".dvc/config.local").unlink()
+    (ws / ".git").mkdir()   # a workspace that is a git checkout: DVC uses git there, no_scm is not set
+    lines = init_workspace(image, ws, echo=None)
+    assert lines[-1].endswith("is a git repository: core.no_scm not set") and not (ws / ".dvc/config.local").exists()
+    assert lines[-2] == "no dvc.lock in the image or the workspace: dvc repro will write one"
+
+
+@pytest.mark.parametrize("built", ["0123456789abcdef0123456789abcdef01234567", "unknown", ""])
+def test_lineage_without_git_records_the_image_builds_sha(tmp_path, monkeypatch, built):
+    from tasks import lineage
+
+    monkeypatch.delenv("GIT_DIR", raising=False)
+    monkeypatch.setenv("KEEL_GIT_SHA", built)
+    state = lineage.git_state(tmp_path)   # no repository here, as in the image
+    if built and built != "unknown":
+        assert state == {"git_sha": built, "git_dirty": None, "git_sha_source": "KEEL_GIT_SHA (image build)"}
+    else:
+        assert state == {"git_sha": "unknown", "git_dirty": None}
+    # in a repository, git decides, as before (the variable is ignored)
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    (tmp_path / "a.txt").write_text("a")
+    for cmd in (["git", "init", "-q"], ["git", "add", "a.txt"], ["git", "commit", "-qm", "x"]):
+        assert _run(cmd, cwd=tmp_path, env=env).returncode == 0
+    head = _run(["git", "rev-parse", "HEAD"], cwd=tmp_path).stdout.strip()
+    assert lineage.git_state(tmp_path) == {"git_sha": head, "git_dirty": False}
+
+
+@pytest.mark.slow
+def test_join_train_script_waits_for_the_flows_rendezvous_then_joins(tmp_path):
+    """The join Job's own script, started before the flow's node: it waits (--wait-s) until the rendezvous is up,
+    then its torchrun joins the flow node's (hosting, as the multi-node deployment runs it) into one world of 2.
+    Loopback, gloo, one process per node; `tasks.cli` of the workspace is a probe instead of training."""
+    from flows import pipeline as fp
+    from flows.workspace import init_workspace
+
+    if _beside_python("torchrun") is None:
+        pytest.skip("torchrun is not installed")
+    _, _, c = _join_job()
+    image, ws = image_root(tmp_path / "image"), tmp_path / "workspace"
+    init_workspace(image, ws, echo=None)    # what the flow's pod does first (pull step)
+    (ws / "tasks/cli.py").write_text(PROBE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint, rdzv_id = f"127.0.0.1:{port}", f"t-{uuid.uuid4().hex[:8]}"
+    env = _flow_env(GLOO_SOCKET_IFNAME="lo", KEEL_LOCAL_ADDR="127.0.0.1")
+    job_env = {k: v["value"] for k, v in env_of(c).items() if "value" in v}
+    job_env.update(RDZV_ENDPOINT=endpoint, RDZV_ID=rdzv_id, WAIT_S="120", WORKSPACE=str(ws), JOB_COMPLETION_INDEX="0")
+    joiner = subprocess.Popen([*c["args"][:-1], c["args"][-1]], cwd=image, env=dict(env, **job_env),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    procs, lines = [joiner], []
+
+    def pump():
+        for line in joiner.stdout:
+            lines.append(line)  # noqa: PERF402 - one at a time: the test reads them while the joiner runs
+
+    import threading
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("join-train: waiting up to 120 s for the rendezvous at " + endpoint in ln for ln in lines):
+            assert joiner.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        time.sleep(3)   # the joiner keeps waiting: nothing listens yet
+        assert joiner.poll() is None and not any("is up" in ln for ln in lines), "".join(lines)
+        # the flow's node: the train task's torchrun line (is_host), in the workspace
+        host_cmd = fp.torchrun_command(1, 2, endpoint, rdzv_id, True, local_addr="127.0.0.1")
+        host_env = fp.subprocess_env(ws, {k: env[k] for k in ("PATH", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS")})
+        host = subprocess.Popen(host_cmd, cwd=ws, env=host_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        procs.append(host)
+        host_out = host.communicate(timeout=180)[0]
+        joiner.wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    reader.join(timeout=10)
+    joined = "".join(lines)
+    assert [p.returncode for p in procs] == [0, 0], joined + "\n----\n" + host_out
+    waited = re.search(rf"join-train: rendezvous {re.escape(endpoint)} is up \(waited (\d+) s\)", joined)
+    assert waited and int(waited.group(1)) >= 3, joined
+    assert "--local_addr=127.0.0.1" in joined   # the joiner's torchrun line, printed
+    both = joined + host_out
+    assert "probe rank=0 world=2 sum=3" in both and "probe rank=1 world=2 sum=3" in both, both
 
 
 # ------------------------------------------------------------------------------------------------ base job template
@@ -461,8 +823,10 @@ def test_base_job_template_variables_accept_good_job_variables_and_refuse_bad_on
 @needs_schemas
 @pytest.mark.parametrize("values", [{}, {"image": "reg/keel:1", "gpu_count": 0, "namespace": "keel"},
                                     {"gpu_count": 8, "node_selector": {"gpu": "h100"}, "env": {"A": "1"},
-                                     "image_pull_secrets": [{"name": "regcred"}], "finished_job_ttl": 60}],
-                         ids=["defaults", "cpu-only", "eight-gpus"])
+                                     "image_pull_secrets": [{"name": "regcred"}], "finished_job_ttl": 60},
+                                    *(prefect_deployments()[n]["work_pool"]["job_variables"]
+                                      for n in ("keel-gpu-nightly", "keel-gpu-multinode"))],
+                         ids=["defaults", "cpu-only", "eight-gpus", "keel-gpu-nightly", "keel-gpu-multinode"])
 def test_rendered_flow_run_job_validates_against_kubernetes_schemas(values):
     rendered = _render_template(json.loads(TEMPLATE.read_text()), values)
     job = json.loads(json.dumps(rendered["job_manifest"]))
@@ -594,9 +958,17 @@ def test_dockerignore_lets_in_exactly_what_the_image_copies():
               if ln.strip() and not ln.startswith("#")]
     assert ignore[0] == "*", "an allow-list: exclude everything first"
     allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
-    for needed in ("requirements.lock", "pyproject.toml", "README.md", "tasks", "flows", "params.yaml", "dvc.yaml"):
+    for needed in ("requirements.lock", "pyproject.toml", "README.md", "tasks", "flows", "params.yaml", "dvc.yaml",
+                   ".dvc/config", ".dvcignore"):
         assert needed in allowed, needed
         assert (ROOT / needed).exists(), needed
+    # what flows.workspace copies from the image into the cluster's workspace is in the image
+    from flows import workspace
+
+    for rel in (*workspace.FILES, *workspace.FOLDERS, workspace.LOCK):
+        assert in_build_context(rel) and (ROOT / rel).exists(), rel
+    for rel in (".dvc/config.local", ".dvc/cache/files/md5/00/11", ".dvc/tmp/lock", "tasks/__pycache__/x.pyc"):
+        assert not in_build_context(rel), rel
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'readme = "README.md"' in pyproject  # why README.md is let in: the project build reads it
     assert not allowed & {".venv", "data", "models", ".git", ".keel-stack", "mlruns"}
