@@ -366,8 +366,46 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                      "run_info": run_info})
 
     step_log: list[dict] = []
-    t_window, imgs_window, wait_window, step_time_window = time.perf_counter(), 0, 0.0, 0.0
+    # Per-step scalars (loss, grad norm) stay on the device and are read back together, once per
+    # log_every_steps and at the end of each epoch: one host sync per window instead of several per step, so the
+    # CPU keeps queueing work while the GPU runs (small models are launch-bound). The non-finite check, the
+    # signal monitor and the SIGTERM agreement run on each read-back, over every step of the window, in order.
+    win = {"t": time.perf_counter(), "imgs": 0, "wait": 0.0, "busy": 0.0}
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # (step, loss, grad norm, lr), not read yet
     halted = None
+
+    def read_back(epoch: int) -> bool:
+        """Process the pending steps; returns True when the ranks agreed to stop (SIGTERM). Sets ``halted``."""
+        nonlocal halted
+        t_sync = time.perf_counter()
+        values = torch.stack([torch.stack([loss.float(), gn.float()]) for _, loss, gn, _ in pending]).tolist()
+        # the losses are already the global batch's (all-reduced): every rank sees the same values; one
+        # collective agrees on "some rank got SIGTERM"
+        stop = torch.tensor([1.0 if stop_requested["sig"] is not None else 0.0], device=device)
+        if world > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        agreed = stop.item() > 0
+        win["busy"] += time.perf_counter() - t_sync  # waiting for the device to finish the window's steps
+        for (step, _, _, lr), (loss_value, grad_norm) in zip(pending, values):
+            if not math.isfinite(loss_value):
+                halted = (f"non-finite loss ({loss_value}) at step {step}, epoch {epoch}; the last good "
+                          f"checkpoint is {last_path} (lower train.lr, check the data, or use train.grad_clip)")
+                logger.log_event("non_finite_loss", halted, step)
+                break
+            for sig in monitor.on_step(step, loss_value, grad_norm):
+                logger.log_event(sig.name, sig.detail, sig.step)
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                elapsed = now - win["t"]
+                rec = {"train_loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                       "images_per_s": win["imgs"] / max(elapsed, 1e-9),
+                       "data_wait_fraction": win["wait"] / max(win["wait"] + win["busy"], 1e-9)}
+                logger.log_metrics(rec, step)
+                step_log.append({"step": step, **rec})
+                win.update(t=now, imgs=0, wait=0.0, busy=0.0)
+        pending.clear()
+        return agreed and halted is None
+
     try:
         for epoch in range(state["epoch"], cfg.epochs):
             if state["step"] >= total_steps:
@@ -382,7 +420,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 logger.log_event("phase_2", f"backbone unfrozen ({cfg.unfreeze_top_blocks or 'all'} groups) at "
                                  f"LR x{cfg.backbone_lr_factor}", state["step"])
             net.train()
-            epoch_loss, epoch_batches = 0.0, 0
+            epoch_loss, epoch_batches = torch.zeros((), device=device), 0
             usable = steps_per_epoch * accumulation
             t_fetch = time.perf_counter()
             iterate = tdata.iterate_stream if mode == "stream" else tdata.iterate_epoch
@@ -390,6 +428,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             batches = iterate(train_data, cfg.batch_size, world, rank, data_seed, epoch, cfg.augment,
                               start_batch=state["next_batch"])
             step_loss = torch.zeros((), device=device)
+            agreed_stop = False
             for i, x, y in batches:
                 if i >= usable or state["step"] >= total_steps:
                     break
@@ -399,10 +438,8 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                     x, target = mixup_fn(x, y)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
                 t_compute = time.perf_counter()
-                wait_window += t_compute - t_fetch
+                win["wait"] += t_compute - t_fetch  # host time spent getting the batch (no device sync)
                 final_micro = (i + 1) % accumulation == 0
                 if fsdp:  # reduce-scatter gradients only on the last micro-batch of an accumulation
                     net.set_requires_gradient_sync(final_micro)
@@ -416,33 +453,22 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     scaler.scale(loss / accumulation).backward()
                 step_loss = loss.detach().float() + (step_loss if i % accumulation else 0.0)
-                epoch_loss += float(loss.detach())
+                epoch_loss += loss.detach().float()
                 epoch_batches += 1
-                imgs_window += len(y) * world
+                win["imgs"] += len(y) * world
                 if not final_micro:
+                    win["busy"] += time.perf_counter() - t_compute
                     t_fetch = time.perf_counter()
                     continue
                 scaler.unscale_(opt)
                 params = [p for p in model.parameters() if p.grad is not None]
                 total_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
                 # FSDP: a DTensor; full_tensor() is the norm over every rank's shard
-                grad_norm = float(total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm)
+                grad_norm = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
                 loss_value = step_loss / accumulation  # the mean over the whole effective batch
                 if world > 1:  # the logged loss is the global batch's mean, comparable to a 1-process run
                     dist.all_reduce(loss_value, op=dist.ReduceOp.SUM)
-                    loss_value /= world
-                loss_value = float(loss_value)
-                # one collective agrees on both "every rank's loss is finite" and "some rank got SIGTERM"
-                flags = torch.tensor([1.0 if math.isfinite(loss_value) else 0.0,
-                                      -1.0 if stop_requested["sig"] is not None else 0.0], device=device)
-                if world > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-                agreed_stop = flags[1].item() < 0  # decided from the reduced flags, never from a local late signal
-                if flags[0].item() < 1:
-                    halted = (f"non-finite loss ({loss_value}) at step {state['step']}, epoch {epoch}; the last good "
-                              f"checkpoint is {last_path} (lower train.lr, check the data, or use train.grad_clip)")
-                    logger.log_event("non_finite_loss", halted, state["step"])
-                    break
+                    loss_value = loss_value / world
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
@@ -451,32 +477,27 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 state["step"] += 1
                 sched.step_update(num_updates=state["step"])
                 state["next_batch"] = i + 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                step_time_window += time.perf_counter() - t_compute
-                for sig in monitor.on_step(state["step"], loss_value, grad_norm):
-                    logger.log_event(sig.name, sig.detail, sig.step)
+                pending.append((state["step"], loss_value.detach(), grad_norm.detach(), opt.param_groups[-1]["lr"]))
+                win["busy"] += time.perf_counter() - t_compute
                 if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
-                    now = time.perf_counter()
-                    elapsed = now - t_window
-                    rec = {"train_loss": loss_value, "lr": opt.param_groups[-1]["lr"], "grad_norm": grad_norm,
-                           "images_per_s": imgs_window / max(elapsed, 1e-9),
-                           "data_wait_fraction": wait_window / max(wait_window + step_time_window, 1e-9)}
-                    logger.log_metrics(rec, state["step"])
-                    step_log.append({"step": state["step"], **rec})
-                    t_window, imgs_window, wait_window, step_time_window = now, 0, 0.0, 0.0
-                if agreed_stop:
-                    checkpoint(last_path, {})
-                    logger.log_event("sigterm", f"stopped at step {state['step']}; checkpoint {last_path}",
-                                     state["step"])
-                    raise SystemExit(128 + signal.SIGTERM)
+                    agreed_stop = read_back(epoch)
+                    if halted:
+                        break
+                    if agreed_stop:
+                        break
                 t_fetch = time.perf_counter()
+            if pending and not halted:  # the epoch's last steps, before validation reads the weights
+                agreed_stop = read_back(epoch)
             if halted:
                 break
+            if agreed_stop:
+                checkpoint(last_path, {})
+                logger.log_event("sigterm", f"stopped at step {state['step']}; checkpoint {last_path}", state["step"])
+                raise SystemExit(128 + signal.SIGTERM)
             # ---- end of epoch: validate (EMA weights when enabled), select, checkpoint
             eval_model = ema.module if ema is not None else model
             val_loss, val_acc = evaluate(eval_model, norm, val_data, autocast, channels_last=cfg.channels_last)
-            train_loss = epoch_loss / max(epoch_batches, 1)
+            train_loss = float(epoch_loss) / max(epoch_batches, 1)
             metric = val_acc if cfg.monitor == "val_accuracy" else -val_loss
             improved = state["best_metric"] is None or metric > state["best_metric"]
             state["history"].append({"epoch": epoch, "step": state["step"], "train_loss": train_loss,
