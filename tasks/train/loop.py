@@ -169,7 +169,7 @@ def _save(path: Path, blob: dict) -> None:
 def evaluate(model: torch.nn.Module, norm: torch.nn.Module, split: tdata.DeviceSplit, autocast, batch: int = 1024,
              channels_last: bool = False) -> tuple[float, float]:
     model.eval()
-    total_loss, correct = 0.0, 0
+    sums = torch.zeros(2, device=split.y.device)  # loss, correct: summed on the device, read back once
     for s in range(0, split.n, batch):
         x = norm(split.x[s:s + batch])
         if channels_last:
@@ -177,10 +177,11 @@ def evaluate(model: torch.nn.Module, norm: torch.nn.Module, split: tdata.DeviceS
         with autocast():
             logits = model(x)
         y = split.y[s:s + batch]
-        total_loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        sums[1] += (logits.argmax(1) == y).sum()
     model.train()
-    return total_loss / max(split.n, 1), correct / max(split.n, 1)
+    total_loss, correct = sums.tolist()
+    return total_loss / max(split.n, 1), int(correct) / max(split.n, 1)
 
 
 # ---------------------------------------------------------------- the stage
