@@ -351,10 +351,10 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
 
     stop_requested = {"sig": None}
 
-    def on_sigterm(signum, frame):  # checkpoint at the next step boundary, then exit
+    def on_sigterm(signum, frame):  # checkpoint at the next read-back (log window or epoch end), then exit
         stop_requested["sig"] = signum
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)  # every rank: the stop is agreed at a step boundary
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)  # every rank: the stop is agreed at a read-back
 
     def checkpoint(path: Path, extra_state: dict) -> None:  # called on every rank (FSDP gathers collectively)
         model_sd, opt_sd = _full_states(model, opt, fsdp)
