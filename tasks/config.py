@@ -154,7 +154,9 @@ class TrainConfig(_Section):
     deterministic: bool = True
     early_stopping_patience: int | None = Field(None, ge=1, description="null = run the schedule, keep the best")
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    log_every_steps: int = Field(10, ge=1)
+    log_every_steps: int = Field(10, ge=1, description="steps per log line; also how often the step scalars are read "
+                                 "back from the device and a SIGTERM is acted on (keep windows well under the "
+                                 "grace period of your scheduler)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps (smoke runs)")
     data: Literal["auto", "device", "stream"] = Field(
         "auto", description="device: whole split on the device; stream: shards read each epoch by workers")
