@@ -27,6 +27,11 @@ the flow body beyond its tasks (override check, dvc.lock hash, `dvc metrics show
 overhead, and one DVC start-up per stage instead of one for the whole pipeline (the stage commands' sum vs
 `dvc repro`'s wall).  Other processes' CPU use during each arm is recorded (``other_cores``): figures taken
 while it is well above 0 are contaminated by other work on the machine.
+
+``--smoke`` (CI: does the script still run?) is the cheapest run: one repeat, ``noop`` only, the ephemeral API,
+no idle wait, and ``train.epochs=1 ingest.workers=1 shard.workers=1`` in the copy's params.yaml (applied by
+``set_params``, as ``dvc exp run -S`` would, and committed in the copy) so that the untimed first build is short.
+Its figures are not the benchmark's; it writes ``bench/out/flow_overhead-smoke.json`` unless ``--out`` says.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OUT = REPO / "bench" / "out" / "flow_overhead.json"
+SMOKE_OUT = REPO / "bench" / "out" / "flow_overhead-smoke.json"
+SMOKE_PARAMS = ("train.epochs=1", "ingest.workers=1", "shard.workers=1")  # --smoke: a short first build
 RESULTS = REPO / "bench" / "RESULTS.md"
 CONTAMINATED_CORES = 0.3   # other processes' mean core use above which a run is not counted (if clean ones exist)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,10 +72,31 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
-    git_env = dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b",
-                   GIT_COMMITTER_EMAIL="b@b")
-    subprocess.run("git init -q && git add -A && git commit -qm bench", shell=True, cwd=dest, env=git_env, check=True)
+    subprocess.run("git init -q && git add -A && git commit -qm bench", shell=True, cwd=dest, env=_git_env(),
+                   check=True)
     return dest
+
+
+def _git_env() -> dict[str, str]:
+    return dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b",
+                GIT_COMMITTER_EMAIL="b@b")
+
+
+def set_params(work: Path, env: dict[str, str], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``key=value`` overrides to the copy's params.yaml exactly as the flow's ``--set`` does (DVC's
+    ``dvc exp run -S`` grammar, comments kept, unknown keys and invalid values refused), with the copy's own
+    ``flows.pipeline.apply_overrides`` in a subprocess (Prefect is imported there, not here), and commit the
+    result in the copy so that its tree stays clean.  Returns {key: value as written}."""
+    if not overrides:
+        return {}
+    code = ("import json, sys; from pathlib import Path; from flows.pipeline import apply_overrides; "
+            "print(json.dumps(apply_overrides(Path('.'), sys.argv[1:])))")
+    r = subprocess.run([sys.executable, "-c", code, *overrides], cwd=work, env=env, capture_output=True, text=True,
+                       check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"bench: params overrides {' '.join(overrides)} refused:\n{r.stderr[-3000:]}")
+    subprocess.run(["git", "commit", "-qam", f"bench: {' '.join(overrides)}"], cwd=work, env=_git_env(), check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def base_env(work: Path, prefect_home: Path) -> dict[str, str]:
@@ -273,13 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="forced,noop", help="comma list of forced, noop")
     ap.add_argument("--apis", default="ephemeral,server", help="comma list of ephemeral, server")
     ap.add_argument("--workdir", type=Path, help="work folder (default: a temp dir, removed afterwards)")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, help=f"default {OUT.relative_to(REPO)} ({SMOKE_OUT.relative_to(REPO)} "
+                                              "with --smoke)")
     ap.add_argument("--wait-idle", type=float, default=60.0,
                     help="before the first run and before each (repeat, mode) group, wait up to this many s for a "
                          "quiet machine")
     ap.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--summarise", type=Path, metavar="JSON", help="only re-print (and append) a saved report")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CI: the cheapest run (--repeat 1 --modes noop --apis ephemeral --wait-idle 0, and "
+                         f"{' '.join(SMOKE_PARAMS)} in the copy); not a measurement")
     args = ap.parse_args(argv)
+    if args.smoke:
+        if args.append_results:
+            ap.error("--smoke figures are not a measurement: not appended to RESULTS.md")
+        args.repeat, args.modes, args.apis, args.wait_idle = 1, "noop", "ephemeral", 0.0
+    if args.out is None:
+        args.out = SMOKE_OUT if args.smoke else OUT
     modes, apis = args.modes.split(","), args.apis.split(",")
     if args.summarise:
         report = json.loads(args.summarise.read_text())
@@ -295,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         work = copy_repo(root / "keel")
         env = base_env(work, root / "prefect-home")
+        overrides = set_params(work, env, SMOKE_PARAMS) if args.smoke else {}
         idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
         print("bench: first dvc repro (builds everything; not timed)", flush=True)
         t0 = time.perf_counter()
@@ -327,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
         report = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "git": head,
-                  "machine": machine_info(), "idle": idle, "repeat": args.repeat, "runs": runs, "summary": summary}
+                  "machine": machine_info(), "idle": idle, "repeat": args.repeat, "smoke": args.smoke,
+                  "params_overrides": overrides, "runs": runs, "summary": summary}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
         text = table(summary)

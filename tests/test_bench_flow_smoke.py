@@ -1,0 +1,35 @@
+"""The flow-overhead benchmark still runs end to end (--smoke: one no-op repeat, ephemeral API, one training
+epoch in the untimed first build) and writes its JSON; no timing is asserted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_flow_overhead_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    env = dict(os.environ, DO_NOT_TRACK="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "flow_overhead.py"), "--smoke", "--out", str(out),
+                        "--workdir", str(tmp_path / "work")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, \
+        f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["repeat"] == 1
+    assert report["params_overrides"]["train.epochs"] == 1
+    assert {(r["mode"], r["arm"]) for r in report["runs"]} == {("noop", "dvc"), ("noop", "ephemeral")}
+    for run in report["runs"]:
+        assert {"wall_s", "cpu_s", "other_cores", "stages_ran"} <= set(run), run
+        assert run["stages_ran"] == 0, run
+    noop = report["summary"]["noop"]
+    assert {"wall_s", "cpu_s", "n"} <= set(noop["dvc"])
+    assert {"wall_s", "cpu_s", "overhead_wall_s", "overhead_cpu_s", "split", "per_stage"} <= set(noop["ephemeral"])
+    assert report["machine"]["nproc"] >= 1 and report["git"] and report["date"]
