@@ -1,25 +1,15 @@
 """The data-stage benchmark still runs end to end (tiny synthetic set); its timings are never asserted on."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchrun import run_smoke
+
 STAGES = ("ingest", "split", "validate", "shard")
 
 
 def test_data_stages_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    env = dict(os.environ, DO_NOT_TRACK="1")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "data_stages.py"), "--smoke", "--out", str(out),
-                        "--workdir", str(tmp_path / "work")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, \
-        f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
-    report = json.loads(out.read_text())
+    report = run_smoke("data_stages.py", tmp_path)
     assert set(STAGES) <= set(report["stages"]), sorted(report["stages"])
     for name in ("ingest", "split", "shard"):
         stage = report["stages"][name]

@@ -1,24 +1,13 @@
 """The training-throughput benchmark still runs end to end (tiny synthetic shards); its timings are never asserted on."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchrun import run_smoke
 
 
 def test_train_throughput_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    env = dict(os.environ, KEEL_TRACKING="off", DO_NOT_TRACK="1")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--smoke", "--out", str(out),
-                        "--workdir", str(tmp_path / "work")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, \
-        f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
-    report = json.loads(out.read_text())
+    report = run_smoke("train_throughput.py", tmp_path, KEEL_TRACKING="off")
     ceiling, real = report["ceiling"], report["real"]
     assert ceiling["status"] == "ok" and ceiling["images_per_s"] > 0, ceiling
     assert real["status"] == "ok" and real["images_per_s"] > 0, real

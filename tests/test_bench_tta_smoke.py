@@ -1,23 +1,17 @@
 """The time-to-accuracy benchmark still runs end to end on a tiny synthetic set; its timings are never asserted on."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchrun import REPO, run_smoke
 
 
 def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    env = dict(os.environ, KEEL_TRACKING="off", DO_NOT_TRACK="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "time_to_accuracy.py"), "--smoke", "--out", str(out),
-                        "--workdir", str(tmp_path / "work"), "--peer-workers", "1"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
-    report = json.loads(out.read_text())
+    report = run_smoke("time_to_accuracy.py", tmp_path, "--peer-workers", "1", KEEL_TRACKING="off",
+                       OMP_NUM_THREADS="1")
     keel, peer = report["keel"], report["peer"]
     # the recipe went through all five stages, and the test split was read exactly once, by evaluate
     assert set(keel["data_prep_s"]) == {"ingest", "split", "validate", "shard"}
