@@ -74,6 +74,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+    else:  # cuDNN autotunes its kernels for the shapes it sees: faster, and reruns differ in the last bits
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
 
 
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
