@@ -1,29 +1,19 @@
 """The default-job benchmark still runs end to end (--smoke: one epoch) and writes its JSON; no timing is asserted."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchrun import REPO, run_smoke
+
 STAGE_KEYS = {"wall_s", "cpu_s", "cpu_cores", "server_cpu_s", "other_cores", "steal_cores", "returncode", "ran"}
 
 
 @pytest.mark.slow
 def test_default_job_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    env = dict(os.environ, DO_NOT_TRACK="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "default_job.py"), "--smoke", "--out", str(out),
-                        "--workdir", str(tmp_path / "work")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, \
-        f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
-    report = json.loads(out.read_text())
+    report = run_smoke("default_job.py", tmp_path, OMP_NUM_THREADS="1")
     assert report["status"] == "ok" and report["smoke"] is True
     assert report["params_overrides"]["train.epochs"] == 1
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

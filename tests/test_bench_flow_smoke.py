@@ -2,27 +2,16 @@
 epoch in the untimed first build) and writes its JSON; no timing is asserted."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.benchrun import run_smoke
 
 
 @pytest.mark.slow
 def test_flow_overhead_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "x.json"
-    env = dict(os.environ, DO_NOT_TRACK="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "flow_overhead.py"), "--smoke", "--out", str(out),
-                        "--workdir", str(tmp_path / "work")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert r.returncode == 0, \
-        f"exit {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
-    report = json.loads(out.read_text())
+    report = run_smoke("flow_overhead.py", tmp_path, OMP_NUM_THREADS="1")
     assert report["smoke"] is True and report["repeat"] == 1
     assert report["params_overrides"]["train.epochs"] == 1
     assert {(r["mode"], r["arm"]) for r in report["runs"]} == {("noop", "dvc"), ("noop", "ephemeral")}
