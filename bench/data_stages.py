@@ -512,11 +512,13 @@ def git_info() -> dict:
     return code_version(REPO)
 
 
-def versions() -> dict:
+def versions(pkgs: tuple[str, ...] = ("numpy", "pillow", "pyarrow", "pandas", "scipy", "great_expectations",
+                                     "psutil")) -> dict:
+    """Installed versions of ``pkgs`` (None when one is missing); the other benches pass their own list."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("numpy", "pillow", "pyarrow", "pandas", "scipy", "great_expectations", "psutil"):
+    for pkg in pkgs:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "default_job.json"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(REPO))
-from data_stages import _system_cpu, machine_info, wait_for_idle  # bench/ helpers (cheap imports)
+from data_stages import _system_cpu, machine_info, versions, wait_for_idle  # bench/ helpers (cheap imports)
 from flow_overhead import (
     BIN,
     SMOKE_PARAMS,
@@ -176,24 +176,14 @@ def register_figures(work: Path) -> dict | None:
 
 def git_state() -> dict:
     """HEAD and the uncommitted files of the working tree, taken right before the copy (which includes them)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
+    from tasks.lineage import git
 
-    dirty = git("status", "--porcelain").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "commit_full": git("rev-parse", "HEAD"),
-            "dirty": bool(dirty), "uncommitted_in_copy": dirty}
+    dirty = (git("status", "--porcelain", root=REPO) or "").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD", root=REPO) or "unknown",
+            "commit_full": git("rev-parse", "HEAD", root=REPO), "dirty": bool(dirty), "uncommitted_in_copy": dirty}
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "timm", "dvc", "mlflow", "great_expectations", "pyarrow", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
+VERSIONS = ("torch", "timm", "dvc", "mlflow", "great_expectations", "pyarrow", "numpy")
 
 
 def _fmt(v, spec: str = ".3f") -> str:
@@ -321,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "git": git | {"copy_tree": copy_tree},
-            "machine": machine_info(), "versions": versions(), "omp_num_threads": env.get("OMP_NUM_THREADS"),
+            "machine": machine_info(), "versions": versions(VERSIONS), "omp_num_threads": env.get("OMP_NUM_THREADS"),
             "load_average_at_start": load_avg, "smoke": args.smoke,
             "params_overrides": applied, "params_yaml_uncommitted_changes_dropped": params_reverted, "idle": idle, "status": "failed" if failed else "ok",
             "stage_order": order, "mlflow_server_start_s": round(server_start, 2),
