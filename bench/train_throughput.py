@@ -19,7 +19,7 @@ layout (index.json + train/val parquet shards with checksums), so a large-resolu
     python bench/train_throughput.py --smoke --out /tmp/x.json            # CI: tiny, seconds
 
 Imports: torch, timm, numpy, pyarrow and ``tasks.io``. The real loop also needs what ``tasks.train.loop`` imports
-(``tasks.config``: pydantic and PyYAML; matplotlib for its curves.png, written after steps.csv). Where those are
+(``tasks.config``: pydantic and PyYAML; matplotlib only for curves.png, skipped without it). Where those are
 missing the ceiling is still measured and the real run is recorded as skipped, with the reason.
 """
 from __future__ import annotations
@@ -295,7 +295,6 @@ def measure_real(args, shards_dir: Path, index: io.ShardIndex, work: Path, profi
     paths = Paths(shards_dir=str(shards_dir), split_manifest=str(work / "no-manifest.parquet"),
                   models_dir=str(work / "models"), train_metrics=str(work / "metrics" / "train.json"),
                   train_plots_dir=str(work / "reports"))
-    note = None
     prof = None
     if profile_to is not None:
         import cProfile
@@ -306,12 +305,7 @@ def measure_real(args, shards_dir: Path, index: io.ShardIndex, work: Path, profi
         try:
             if prof is not None:
                 prof.enable()
-            loop.run(cfg, paths)
-        except ModuleNotFoundError as exc:
-            # _write_outputs writes steps.csv before it imports matplotlib for curves.png
-            if exc.name != "matplotlib" or not (work / "reports" / "steps.csv").exists():
-                raise
-            note = "matplotlib is missing: the loop wrote steps.csv, then failed on curves.png"
+            loop.run(cfg, paths)  # without matplotlib it skips curves.png and still writes steps.csv
         finally:
             if prof is not None:
                 prof.disable()
@@ -321,8 +315,6 @@ def measure_real(args, shards_dir: Path, index: io.ShardIndex, work: Path, profi
            "contention_whole_run": cont.record,
            "steps_per_epoch": per_epoch, "epoch_ends_inside_windows": max(0, (args.steps - 1) // per_epoch),
            "train_config": cfg.model_dump(mode="json")}
-    if note:
-        rec["note"] = note
     if prof is not None:
         rec["profile"] = _profile_summary(prof, profile_to)
     return rec
