@@ -79,7 +79,7 @@ def test_join_train_wait_times_out_naming_the_endpoint(capsys):
     t0 = time.monotonic()
     rc = fp.main(["--join-train", "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "x", "--wait-s", "1.5",
                   "--project-dir", "/nonexistent"])
-    assert rc == 1 and 1.4 < time.monotonic() - t0 < 10
+    assert rc == 1 and time.monotonic() - t0 >= 1.4  # it waited the whole --wait-s (no upper bound: shared machine)
     out = capsys.readouterr()
     assert f"join-train: waiting up to 1.5 s for the rendezvous at {endpoint}" in out.out
     err = out.err.strip()
@@ -96,7 +96,7 @@ def test_join_train_wait_reports_progress_then_returns_when_the_endpoint_opens(c
         opener.start()
         waited = fp.wait_for_endpoint(endpoint, 30, poll_s=0.1, report_s=0.3)
         opener.join()
-    assert 0.9 < waited < 10
+    assert waited > 0.9  # returned once the port opened, not before (the 30 s limit would have raised)
     out = capsys.readouterr().out
     assert out.count(f"join-train: waiting for the rendezvous at {endpoint} (") >= 2, out
     assert f"join-train: rendezvous {endpoint} is up" in out
