@@ -60,6 +60,8 @@ import numpy as np
 import torch
 import yaml
 
+from tasks.train.logger import NullLogger
+
 DEFAULT_TARBALL = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 DEFAULT_RECIPE = REPO / "bench" / "recipes" / "cifar10.yaml"
 SMOKE_SETS = ["train.model=keel_cifar_net_s", "train.epochs=2", "train.batch_size=32", "train.reference_batch=32",
@@ -128,7 +130,7 @@ def load_recipe(recipe: Path, sets: list[str], source: Path, work: Path, device:
 
 
 # ---------------------------------------------------------------- keel arm
-class EpochClock:
+class EpochClock(NullLogger):
     """A train-loop logger that stamps every validation result with the seconds since training started."""
 
     def __init__(self) -> None:
@@ -139,12 +141,6 @@ class EpochClock:
         if "val_accuracy" in metrics:
             self.curve.append({"seconds": round(time.perf_counter() - self.t0, 3), "step": step,
                                "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"]})
-
-    def log_params(self, params) -> None: pass
-    def log_event(self, name, detail, step) -> None: pass
-    def log_artifact(self, path) -> None: pass
-    def set_tags(self, tags) -> None: pass
-    def close(self, status: str = "FINISHED") -> None: pass
 
 
 def keel_arm(params, target: float) -> dict:
@@ -168,7 +164,7 @@ def keel_arm(params, target: float) -> dict:
     t = time.perf_counter()
     ev = evaluate.run(params.evaluate, paths)
     eval_s = time.perf_counter() - t
-    run = json.loads(Path(paths.train_metrics).read_text())
+    run_info = torch.load(Path(paths.models_dir) / "best.pt", map_location="cpu", weights_only=False)["run_info"]
     n_train = _rows(paths.shards_dir, "train")
     steps_per_epoch = max(1, result.steps // max(1, result.epochs_run))
     epoch_s = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + clock.curve, clock.curve)]
@@ -182,19 +178,13 @@ def keel_arm(params, target: float) -> dict:
             "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
             "val_curve": clock.curve, "seconds_to_target_val": hit,
             "test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "test_reads": ev.looks,
-            "test_decision": ev.decision, "precision": run.get("precision") or _run_info(paths).get("precision"),
-            "data_mode": _run_info(paths).get("data_mode")}
+            "test_decision": ev.decision, "precision": run_info["precision"], "data_mode": run_info["data_mode"]}
 
 
 def _rows(shards_dir: str, split: str) -> int:
     from tasks import io
 
     return io.ShardIndex.load(shards_dir).rows(split)
-
-
-def _run_info(paths) -> dict:
-    blob = torch.load(Path(paths.models_dir) / "best.pt", map_location="cpu", weights_only=False)
-    return blob.get("run_info", {})
 
 
 # ---------------------------------------------------------------- peer arm
