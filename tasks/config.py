@@ -138,6 +138,16 @@ class TrainConfig(_Section):
     mixup: float = Field(0.0, ge=0, description="Mixup alpha (0 = off)")
     cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0 = off)")
     augment: Literal["none", "flip_crop"] = Field("flip_crop", description="on-device random crop (reflect pad) + flip")
+    crop_pad: int | None = Field(None, ge=1, description="flip_crop's reflect padding in px: the crop shifts by up to "
+                                 "this much (null = an eighth of shard.resolution, at least 1)")
+    stem_init: Literal["default", "whiten"] = Field(
+        "default", description="whiten: the stem's filters are set to the whitening transform of the first 5,000 "
+        "train images' patches and frozen (models with a whitening stem: keel_cifar_net, keel_cifar_net_s)")
+    tta: Literal["none", "flip", "flip_translate"] = Field(
+        "none", description="test-time augmentation, part of the model: validation (selection), evaluate and the "
+        "served model average the logits of these views (flip: 2 forward passes; flip_translate: 6)")
+    norm_bias_lr_factor: float = Field(1.0, gt=0, description="LR multiplier for the shifts (biases) of norm "
+                                       "layers; airbench uses 64 with BatchNorm's scale fixed")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 decay; validation uses the EMA")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
@@ -169,6 +179,8 @@ class TrainConfig(_Section):
     def _consistent(self) -> TrainConfig:
         if self.pretrained == "checkpoint" and not self.init_checkpoint:
             raise ValueError("pretrained=checkpoint needs init_checkpoint (a local file)")
+        if self.stem_init == "whiten" and self.pretrained != "none":
+            raise ValueError(f"stem_init=whiten would overwrite the pretrained={self.pretrained} stem; use one of them")
         if self.strategy == "fsdp":
             clash = [k for k, bad in (("ema_decay", self.ema_decay is not None),
                                       ("freeze_backbone_epochs", self.freeze_backbone_epochs > 0),

@@ -288,11 +288,12 @@ def _device(want: str):
 
 
 def predict(model, reader: io.ShardReader, mean: list[float], std: list[float], batch_size: int,
-            device) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Class probabilities float32 [N,K], labels int64 [N] and ids of every row the reader yields."""
+            device, tta: str = "none") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Class probabilities float32 [N,K], labels int64 [N] and ids of every row the reader yields; ``tta``: the
+    model's test-time views (``train.tta``), averaged as in validation and serving."""
     import torch
 
-    from tasks.train.data import Normalize
+    from tasks.train.data import Normalize, tta_logits
 
     model = model.to(device).eval()
     norm = Normalize(mean, std).to(device)
@@ -301,7 +302,7 @@ def predict(model, reader: io.ShardReader, mean: list[float], std: list[float], 
     with torch.no_grad():
         for x, y, i in reader.iter_batches(batch_rows=batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2)
-            logits = model(norm(xb.float())).float()  # Normalize takes the 0..255 scale (as training did)
+            logits = tta_logits(model, norm(xb.float()), tta)[0].float()  # Normalize takes 0..255, as training
             probs.append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32))
             labels.append(y)
             ids.extend(i)
@@ -597,9 +598,10 @@ def run(cfg: EvaluateConfig, paths: Paths) -> EvaluateResult:
                       "this estimate is biased toward models that happen to fit this test set", file=sys.stderr)
             reader = io.ShardReader(paths.shards_dir, "test", reader_of=io._TEST_READER_TOKEN)
             pre = ckpt["index"]
-            probs, labels, ids = predict(model, reader, pre["mean"], pre["std"], cfg.batch_size, device)
+            tta = ckpt["run_info"]["config"].get("tta", "none")
+            probs, labels, ids = predict(model, reader, pre["mean"], pre["std"], cfg.batch_size, device, tta)
             metrics = compute_metrics(probs, labels, list(pre["classes"]), cfg.calibration_bins)
-            result = {**base, "time": _now(), "classes": list(pre["classes"]), "looks": looks,
+            result = {**base, "time": _now(), "classes": list(pre["classes"]), "looks": looks, "tta": tta,
                       "test_reused": bool(others), "earlier_readers": list(others), "metrics": metrics}
             pred_table = _predictions_table(ids, labels, probs)
             res_path, pred_path = ledger.result_paths(sha)

@@ -290,7 +290,8 @@ def _pipeline_vs_step(ctx: _Ctx) -> CheckItem:
     ctx.sync()
     t0 = time.perf_counter()
     fetched = 0
-    for i, x, _y in tdata.iterate_epoch(ctx.train, cfg.batch_size, 1, 0, cfg.seed, 0, cfg.augment):
+    for i, x, _y in tdata.iterate_epoch(ctx.train, cfg.batch_size, 1, 0, cfg.seed, 0, cfg.augment,
+                                         crop_pad=cfg.crop_pad):
         if i >= TIMING_BATCHES:
             break
         ctx.prep(x)

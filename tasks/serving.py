@@ -89,6 +89,7 @@ def spec_from_checkpoint(blob: dict, *, max_image_bytes: int, max_pixels: int) -
         "timm": {"small_input_stem": bool(train_cfg.get("small_input_stem", True)),
                  "drop_rate": float(train_cfg.get("drop_rate", 0.0)),
                  "drop_path_rate": float(train_cfg.get("drop_path_rate", 0.0))},
+        "tta": str(train_cfg.get("tta", "none")),  # the test-time views evaluate scored with: served the same way
         "max_image_bytes": int(max_image_bytes),
         "max_pixels": int(max_pixels),
     }
@@ -102,7 +103,7 @@ class ImageClassifier:
         import torch
 
         from tasks.config import TrainConfig
-        from tasks.train.data import Normalize
+        from tasks.train.data import TTA_MODES, Normalize
         from tasks.train.model import build_model
 
         if spec.get("format") != SPEC_FORMAT:
@@ -121,6 +122,9 @@ class ImageClassifier:
         model.load_state_dict(state_dict)
         self.model = model.to(self.device).eval()
         self.norm = Normalize(spec["mean"], spec["std"]).to(self.device)
+        self.tta = spec.get("tta", "none")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"serving spec: unknown tta {self.tta!r} (one of {TTA_MODES})")
 
     @classmethod
     def from_checkpoint(cls, blob: dict, *, max_image_bytes: int = 10_000_000, max_pixels: int = 89_478_485,
@@ -223,11 +227,13 @@ class ImageClassifier:
         """uint8 [N,H,W,C] model pixels -> float32 [N, classes] softmax probabilities."""
         import torch
 
+        from tasks.train.data import tta_logits
+
         out = np.empty((len(pixels), len(self.classes)), np.float32)
         with torch.inference_mode():
             for s in range(0, len(pixels), BATCH):
                 x = torch.from_numpy(np.ascontiguousarray(pixels[s:s + BATCH])).to(self.device)
-                logits = self.model(self.norm(x.permute(0, 3, 1, 2)))
+                logits = tta_logits(self.model, self.norm(x.permute(0, 3, 1, 2)), self.tta)[0]
                 out[s:s + BATCH] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return out
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from tasks.config import TrainConfig
@@ -56,3 +57,40 @@ def test_no_published_weights() -> None:
 def test_unknown_name_lists_close_names() -> None:
     with pytest.raises(ModelConfigError, match="unknown timm model 'keel_cifar_nett'.*keel_cifar_net"):
         build_model(TrainConfig(model="keel_cifar_nett"), num_classes=10, in_chans=3, resolution=32)
+
+
+def _correlated_images(n: int, channels: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, channels, 20, 20, generator=g)
+    if channels > 1:
+        x[:, 1] = 0.8 * x[:, 0] + 0.2 * x[:, 1]  # correlated channels
+    return torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # and correlated neighbours
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_whitened_stem_decorrelates_patches_and_is_frozen(channels: int) -> None:
+    model, _ = build_model(TrainConfig(model="keel_cifar_net_s"), num_classes=10, in_chans=channels, resolution=32)
+    x = _correlated_images(300, channels)
+    report = model.whiten_stem(x)
+    dims = channels * 4
+    assert model.stem[0].out_channels == 2 * dims and report["whiten_patches"] == 300 * 19 * 19
+    w = model.stem[0].weight
+    assert torch.equal(w[dims:], -w[:dims]) and not w.requires_grad and model.stem[0].bias.requires_grad
+    f = torch.nn.functional.conv2d(x, w[:dims]).permute(0, 2, 3, 1).reshape(-1, dims)
+    cov = f.T @ f / len(f)
+    off = cov - torch.diag(cov.diag())
+    assert off.abs().max() < 1e-3  # decorrelated
+    top = cov.diag()[: dims // 2]  # the strong directions come out at unit variance (eps only damps the weak ones)
+    assert torch.allclose(top, torch.ones_like(top), atol=0.05)
+
+
+def test_whitened_stem_refuses_data_it_cannot_use() -> None:
+    model, _ = build_model(TrainConfig(model="keel_cifar_net_s"), num_classes=10, in_chans=3, resolution=32)
+    with pytest.raises(ValueError, match=r"whiten_stem: images must be N x 3 x H x W, got \(4, 1, 32, 32\)"):
+        model.whiten_stem(torch.randn(4, 1, 32, 32))
+    odd = timm.create_model("keel_cifar_net_s", num_classes=10, stem_width=32)
+    with pytest.raises(ValueError, match=r"the stem has 32 filters; whitening 2x2 patches of 3 channels needs "
+                                         r"2 x 12 = 24 \(stem_width\)"):
+        odd.whiten_stem(torch.randn(4, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"3 patches cannot estimate a 12x12 covariance"):
+        model.whiten_stem(torch.randn(3, 3, 2, 2))

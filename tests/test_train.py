@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -426,3 +427,107 @@ def test_probe_batch_on_cpu_keeps_the_configured_batch(digits_pipeline, tmp_path
     p, *_ = digits_pipeline
     r = loop.run(TrainConfig(**{**FAST, "epochs": 1, "max_steps": 2, "probe_batch": True}), train_paths(p, tmp_path))
     assert r.steps == 2 and "probe_batch needs a CUDA device" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------- the CIFAR recipe's ingredients (airbench's)
+AIRBENCH = {**FAST, "model": "keel_cifar_net_s", "optimizer": "sgd", "lr": 0.4, "momentum": 0.85, "epochs": 2,
+            "grad_clip": None, "label_smoothing": 0.2, "stem_init": "whiten", "norm_bias_lr_factor": 64.0,
+            "crop_pad": 2, "tta": "flip_translate"}
+
+
+def test_whitened_stem_bias_lr_and_test_time_views_agree_across_train_evaluate_and_serving(digits_pipeline, tmp_path):
+    import pyarrow.parquet as pq
+    import timm
+
+    from tasks import evaluate
+    from tasks.config import EvaluateConfig
+    from tasks.serving import ImageClassifier
+    from tasks.train import data as tdata
+    from tasks.train.model import WHITEN_IMAGES
+
+    p, *_ = digits_pipeline
+    q = train_paths(p, tmp_path).model_copy(update={
+        "test_ledger": str(tmp_path / "ledger"), "evaluate_dir": str(tmp_path / "evaluate"),
+        "test_metrics": str(tmp_path / "test.json")})
+    r = loop.run(TrainConfig(**AIRBENCH), q)
+    assert r.best_val_accuracy > 0.5
+
+    # the stem holds the whitening of the first train images' 2x2 patches, and it stayed frozen through training
+    index = io.ShardIndex.load(p.shards_dir)
+    ref = timm.create_model("keel_cifar_net_s", num_classes=len(index.classes))
+    first = tdata.first_images(p.shards_dir, "train", WHITEN_IMAGES, torch.device("cpu"))
+    assert len(first) == min(WHITEN_IMAGES, index.rows("train"))
+    report = ref.whiten_stem(tdata.Normalize(index.mean, index.std)(first))
+    best = torch.load(tmp_path / "models/best.pt", map_location="cpu", weights_only=False)
+    assert torch.allclose(best["model"]["stem.0.weight"], ref.stem[0].weight, atol=1e-6)
+    assert best["model"]["stem.0.bias"].abs().sum() > 0  # the stem's bias trains
+    params = json.loads((tmp_path / "reports/events.jsonl").read_text().splitlines()[0])["params"]
+    assert params["init"]["stem_init"] == "whiten" and params["init"]["whiten_images"] == report["whiten_images"]
+
+    # BatchNorm shifts get 64x the learning rate of the other no-decay parameters
+    groups = {g["name"]: g for g in torch.load(tmp_path / "models/last.pt", map_location="cpu",
+                                               weights_only=False)["optimizer"]["param_groups"]}
+    assert groups["backbone_no_decay_norm_bias"]["initial_lr"] == pytest.approx(
+        64 * groups["backbone_no_decay"]["initial_lr"])
+    n_bias = sum(m.bias.numel() for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert len(groups["backbone_no_decay_norm_bias"]["params"]) == sum(
+        1 for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)) and n_bias > 0
+
+    # validation selected on the test-time views and also reports the single view
+    epochs = list(csv.DictReader((tmp_path / "reports/epochs.csv").open()))
+    assert len(epochs) == 2 and all(0 <= float(e["val_accuracy_single_view"]) <= 1 for e in epochs)
+
+    # evaluate scores with the same views as the served model: identical probabilities for the same pixels
+    res = evaluate.run(EvaluateConfig(batch_size=64), q)
+    assert json.loads((tmp_path / "test.json").read_text())["test_accuracy"] == pytest.approx(res.accuracy)
+    pred = pq.read_table(tmp_path / "evaluate/predictions.parquet").to_pydict()
+    x, _, ids = io.ShardReader(p.shards_dir, "test", reader_of=io._TEST_READER_TOKEN).read_all()
+    assert ids == pred["id"]
+    clf = ImageClassifier.from_checkpoint(best, device="cpu")
+    assert clf.tta == "flip_translate"
+    served = clf.probabilities(x[:64])
+    assert np.allclose(served, np.array(pred["probs"][:64]), atol=1e-5)
+    with torch.no_grad():  # and the views change the answer (so the agreement above is not one forward pass twice)
+        single = torch.softmax(clf.model(clf.norm(torch.from_numpy(x[:64]).permute(0, 3, 1, 2))), 1).numpy()
+    assert not np.allclose(served, single, atol=1e-4)
+
+
+def test_recipe_ingredients_refuse_what_they_cannot_do(digits_pipeline, tmp_path):
+    p, *_ = digits_pipeline
+    q = train_paths(p, tmp_path)
+    with pytest.raises(ModelConfigError, match=r"train.stem_init: whiten needs a model with a whitening stem .*"
+                                               r"resnet10t has none: set train.stem_init: default"):
+        loop.run(TrainConfig(**{**FAST, "stem_init": "whiten"}), q)
+    res = io.ShardIndex.load(p.shards_dir).resolution
+    with pytest.raises(loop.TrainError, match=rf"train.crop_pad={res} must be smaller than the images' {res} px"):
+        loop.run(TrainConfig(**{**FAST, "crop_pad": res}), q)
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  stem_init: whiten\n  pretrained: timm\n")
+    with pytest.raises(ConfigError, match=r"train: .*stem_init=whiten would overwrite the pretrained=timm stem"):
+        load_params(f)
+    f.write_text("train:\n  tta: mirror\n")
+    with pytest.raises(ConfigError, match=r"train.tta.*'none', 'flip' or 'flip_translate'"):
+        load_params(f)
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("crop_pad", [1, 2])
+def test_crop_pad_bounds_the_random_translation(digits_pipeline, crop_pad):
+    import torch.nn.functional as F
+
+    from tasks.train import data as tdata
+
+    p, *_ = digits_pipeline
+    split = tdata.DeviceSplit(p.shards_dir, "train", torch.device("cpu"))
+    _, x, y = next(tdata.iterate_epoch(split, 64, 1, 0, seed=0, epoch=0, augment="flip_crop", crop_pad=crop_pad))
+    idx = tdata.global_batches(split.n, 64, 0, 0)[0]
+    src = F.pad(split.x[idx].float(), (crop_pad,) * 4, mode="reflect")
+    h = split.x.shape[-1]
+    seen = set()
+    for k in range(len(idx)):  # every output is one shift within +/-crop_pad (maybe mirrored) of its source
+        found = [(dy, dx) for dy in range(2 * crop_pad + 1) for dx in range(2 * crop_pad + 1)
+                 for v in (src[k, :, dy:dy + h, dx:dx + h],) if torch.equal(x[k], v) or torch.equal(x[k], v.flip(-1))]
+        assert found, f"image {k} is not a crop within {crop_pad} px"
+        seen.update(found)
+    assert max(max(abs(dy - crop_pad), abs(dx - crop_pad)) for dy, dx in seen) == crop_pad  # the full range is used
+    assert torch.equal(y, split.y[idx])

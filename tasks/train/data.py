@@ -26,6 +26,18 @@ class DeviceSplit:
         self.n = len(self.y)
 
 
+def first_images(shards_dir: str, split: str, n: int, device: torch.device) -> torch.Tensor:
+    """The split's first ``n`` images in shard order (uint8 NCHW on ``device``), reading only the shards needed."""
+    reader = io.ShardReader(shards_dir, split, verify=False)  # the caller's DeviceSplit/StreamSplit verified them
+    parts, have = [], 0
+    for x, _, _ in reader.iter_batches(batch_rows=min(n, 8192)):
+        parts.append(torch.from_numpy(x[:n - have]))
+        have += len(parts[-1])
+        if have >= n:
+            break
+    return torch.cat(parts).permute(0, 3, 1, 2).contiguous().to(device)
+
+
 def _generator(seed: int, epoch: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % (2**63))
 
@@ -60,6 +72,30 @@ def flip_crop(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     return torch.where(flip.to(dev)[:, None, None, None], out.flip(3), out)
 
 
+TTA_MODES = ("none", "flip", "flip_translate")
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test-time augmentation, part of a trained model's definition (``train.tta``): validation, evaluate and the
+    served model all call this. Returns (the views' mean logits, the plain single-view logits).
+
+    flip: the image and its mirror. flip_translate: those two, averaged with the mirrored pairs of the image
+    shifted by 1 px up-left and down-right (reflect padding), weighted half and half (airbench's level 2)."""
+    plain = model(x)
+    if mode == "none":
+        return plain, plain
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown tta mode {mode!r} (one of {TTA_MODES})")
+    logits = 0.5 * (plain + model(x.flip(-1)))
+    if mode == "flip_translate":
+        h, w = x.shape[-2:]
+        xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [xp[..., :h, :w], xp[..., 2:h + 2, 2:w + 2]]
+        moved = sum(0.5 * (model(v) + model(v.flip(-1))) for v in shifted) / len(shifted)
+        logits = 0.5 * logits + 0.5 * moved
+    return logits, plain
+
+
 class Normalize(torch.nn.Module):
     """uint8/float [0,255] NCHW -> normalised float with the shard index's train-only mean/std."""
 
@@ -73,12 +109,14 @@ class Normalize(torch.nn.Module):
 
 
 def iterate_epoch(split: DeviceSplit, per_device_batch: int, world: int, rank: int, seed: int, epoch: int,
-                  augment: str, start_batch: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (batch index, images float [0,255], labels) for this rank, from ``start_batch`` (resume)."""
+                  augment: str, start_batch: int = 0, crop_pad: int | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (batch index, images float [0,255], labels) for this rank, from ``start_batch`` (resume).
+    ``crop_pad``: the random crop's reflect padding in px (None: an eighth of the side, at least 1)."""
     gb = per_device_batch * world
     batches = global_batches(split.n, gb, seed, epoch)
     size = split.x.shape[-1]
-    pad = max(1, size // 8)
+    pad = crop_pad or max(1, size // 8)
     for i in range(start_batch, len(batches)):
         idx = rank_slice(batches[i], rank, world).to(split.x.device)
         x = split.x[idx]
@@ -151,10 +189,11 @@ class StreamSplit:
 
 
 def iterate_stream(split: StreamSplit, per_device_batch: int, world: int, rank: int, seed: int, epoch: int,
-                   augment: str, start_batch: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+                   augment: str, start_batch: int = 0, crop_pad: int | None = None
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     gb = per_device_batch * world
     size = split.hwc[0]
-    pad = max(1, size // 8)
+    pad = crop_pad or max(1, size // 8)
     sl = slice(rank * per_device_batch, (rank + 1) * per_device_batch)
     for i, (xb, yb) in enumerate(split.epoch(gb, seed, epoch)):
         if i < start_batch:

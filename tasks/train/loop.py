@@ -30,6 +30,8 @@ from tasks.train import outputs
 from tasks.train.logger import JsonlLogger, MetricLogger, MultiLogger, NullLogger
 from tasks.train.signals import SignalMonitor
 
+_NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
 
 class TrainError(Exception):
     """A training problem a user can act on (bad params for this data, no CUDA, a halted run)."""
@@ -90,15 +92,23 @@ def _precision(cfg: TrainConfig, device: torch.device) -> str:
     return "fp32"
 
 
-def _param_groups(model: torch.nn.Module, lr: float, backbone_lr: float, weight_decay: float) -> list[dict]:
+def _param_groups(model: torch.nn.Module, lr: float, backbone_lr: float, weight_decay: float,
+                  norm_bias_lr_factor: float = 1.0) -> list[dict]:
     head = {id(p) for p in tmodel.head_parameters(model)}
-    groups: dict[tuple[bool, bool], list] = {}
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, _NORM_LAYERS) and m.bias is not None} \
+        if norm_bias_lr_factor != 1.0 else set()
+    groups: dict[tuple[bool, bool, bool], list] = {}
     for p in model.parameters():
         # no weight decay on biases and norm scales (1-D tensors): the usual practice, as timm's param_groups
-        groups.setdefault((id(p) in head, p.ndim > 1), []).append(p)
-    return [{"params": ps, "lr": lr if is_head else backbone_lr, "weight_decay": weight_decay if decay else 0.0,
-             "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}"}
-            for (is_head, decay), ps in sorted(groups.items())]
+        groups.setdefault((id(p) in head, p.ndim > 1, id(p) in norm_biases), []).append(p)
+    out = []
+    for (is_head, decay, norm_bias), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])):
+        base = lr if is_head else backbone_lr
+        out.append({"params": ps, "lr": base * (norm_bias_lr_factor if norm_bias else 1.0),
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "name": f"{'head' if is_head else 'backbone'}{'' if decay else '_no_decay'}"
+                            f"{'_norm_bias' if norm_bias else ''}"})
+    return out
 
 
 def _resume_key(cfg: TrainConfig, data: dict, world: int) -> str:
@@ -171,21 +181,24 @@ def _save(path: Path, blob: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, norm: torch.nn.Module, split: tdata.DeviceSplit, autocast, batch: int = 1024,
-             channels_last: bool = False) -> tuple[float, float]:
+             channels_last: bool = False, tta: str = "none") -> tuple[float, float, float]:
+    """(loss, accuracy, single-view accuracy) on ``split``; with ``tta`` the first two are the views' average."""
     model.eval()
-    sums = torch.zeros(2, device=split.y.device)  # loss, correct: summed on the device, read back once
+    sums = torch.zeros(3, device=split.y.device)  # loss, correct, single-view correct: read back once
     for s in range(0, split.n, batch):
         x = norm(split.x[s:s + batch])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = model(x)
+            logits, plain = tdata.tta_logits(model, x, tta)
         y = split.y[s:s + batch]
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += (plain.argmax(1) == y).sum()
     model.train()
-    total_loss, correct = sums.tolist()
-    return total_loss / max(split.n, 1), int(correct) / max(split.n, 1)
+    total_loss, correct, plain_correct = sums.tolist()
+    n = max(split.n, 1)
+    return total_loss / n, int(correct) / n, int(plain_correct) / n
 
 
 # ---------------------------------------------------------------- the stage
@@ -212,6 +225,9 @@ def run(cfg: TrainConfig, paths: Paths, logger: MetricLogger | None = None) -> T
 def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     seed_everything(cfg.seed, cfg.deterministic)
     index = io.ShardIndex.load(paths.shards_dir)
+    if cfg.crop_pad is not None and cfg.augment == "flip_crop" and cfg.crop_pad >= index.resolution:
+        raise TrainError(f"train.crop_pad={cfg.crop_pad} must be smaller than the images' {index.resolution} px "
+                         "(reflect padding); lower it or leave it null")
     need = (index.rows("train") + index.rows("val")) * index.resolution**2 * index.channels
     budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else 8 << 30)
     # device-resident data is the fast path when it fits (CIFAR-10 at 32 px is 150 MB); larger sets stream
@@ -248,6 +264,9 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
 
     model, init_report = tmodel.build_model(cfg, len(index.classes), index.channels, index.resolution)
     model.to(device)
+    if cfg.stem_init == "whiten":  # from the first train images, the same on every rank (and on a resume)
+        init_report.update(tmodel.whiten_stem(cfg, model, norm(tdata.first_images(paths.shards_dir, "train",
+                                                                               tmodel.WHITEN_IMAGES, device))))
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.grad_checkpointing:
@@ -260,7 +279,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
         _fully_shard(model)
     transfer = cfg.pretrained != "none"
     backbone_lr = scaled_lr * cfg.backbone_lr_factor if transfer else scaled_lr
-    groups = _param_groups(model, scaled_lr, backbone_lr, cfg.weight_decay)
+    groups = _param_groups(model, scaled_lr, backbone_lr, cfg.weight_decay, cfg.norm_bias_lr_factor)
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=scaled_lr)
     else:
@@ -431,7 +450,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
             iterate = tdata.iterate_stream if mode == "stream" else tdata.iterate_epoch
             data_seed = cfg.seed if cfg.shuffle_seed is None else cfg.shuffle_seed
             batches = iterate(train_data, cfg.batch_size, world, rank, data_seed, epoch, cfg.augment,
-                              start_batch=state["next_batch"])
+                              start_batch=state["next_batch"], crop_pad=cfg.crop_pad)
             step_loss = torch.zeros((), device=device)
             agreed_stop = False
             for i, x, y in batches:
@@ -501,19 +520,24 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
                 raise SystemExit(128 + signal.SIGTERM)
             # ---- end of epoch: validate (EMA weights when enabled), select, checkpoint
             eval_model = ema.module if ema is not None else model
-            val_loss, val_acc = evaluate(eval_model, norm, val_data, autocast, channels_last=cfg.channels_last)
+            val_loss, val_acc, val_acc_plain = evaluate(eval_model, norm, val_data, autocast,
+                                                        channels_last=cfg.channels_last, tta=cfg.tta)
             train_loss = float(epoch_loss) / max(epoch_batches, 1)
             metric = val_acc if cfg.monitor == "val_accuracy" else -val_loss
             improved = state["best_metric"] is None or metric > state["best_metric"]
-            state["history"].append({"epoch": epoch, "step": state["step"], "train_loss": train_loss,
-                                     "val_loss": val_loss, "val_accuracy": val_acc})
-            logger.log_metrics({"epoch_train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc},
+            record = {"train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
+            if cfg.tta != "none":  # what the test-time views add, on validation
+                record["val_accuracy_single_view"] = val_acc_plain
+            state["history"].append({"epoch": epoch, "step": state["step"], **record})
+            logger.log_metrics({"epoch_train_loss": train_loss, **{k: v for k, v in record.items() if k != "train_loss"}},
                                state["step"])
             for sig in monitor.on_epoch(epoch, state["step"], train_loss, val_loss, val_acc):
                 logger.log_event(sig.name, sig.detail, sig.step)
             if master:
                 print(f"train: epoch {epoch} step {state['step']}: train loss {train_loss:.4f}, val loss "
-                      f"{val_loss:.4f}, val acc {val_acc:.4f}{' (best)' if improved else ''}", file=sys.stderr)
+                      f"{val_loss:.4f}, val acc {val_acc:.4f}"
+                      + (f" ({cfg.tta}; single view {val_acc_plain:.4f})" if cfg.tta != "none" else "")
+                      + (" (best)" if improved else ""), file=sys.stderr)
             state["epoch"], state["next_batch"] = epoch + 1, 0
             if improved:
                 state.update(best_metric=metric, best_epoch=epoch, best_val_loss=val_loss, best_val_accuracy=val_acc,

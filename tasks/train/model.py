@@ -8,6 +8,8 @@ from torch import nn
 
 from tasks.config import TrainConfig
 
+WHITEN_IMAGES = 5_000  # train images whose 2x2 patches set a whitening stem (airbench's number)
+
 
 class ModelConfigError(ValueError):
     """A train.* setting that cannot build a model; the message names the key."""
@@ -43,6 +45,19 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, resolution: i
     if cfg.pretrained == "checkpoint":
         report.update(load_init_checkpoint(model, Path(cfg.init_checkpoint)))
     return model, report
+
+
+def whiten_stem(cfg: TrainConfig, model: nn.Module, images: torch.Tensor) -> dict:
+    """``train.stem_init: whiten``: the stem's filters become the whitening transform of ``images``' patches."""
+    from tasks.train import nets
+
+    if not hasattr(model, "whiten_stem"):
+        raise ModelConfigError(f"train.stem_init: whiten needs a model with a whitening stem (keel_cifar_net, "
+                               f"keel_cifar_net_s); {cfg.model} has none: set train.stem_init: default")
+    try:
+        return model.whiten_stem(images)
+    except nets.StemInitError as e:
+        raise ModelConfigError(f"train.stem_init: {e}") from e
 
 
 def load_init_checkpoint(model: nn.Module, path: Path) -> dict:

@@ -5,9 +5,11 @@ serving, preflight, the probe) builds them by name through ``timm.create_model``
 https://github.com/KellerJordan/cifar10-airbench): a 2x2 patch stem, three conv groups (conv, max-pool,
 BatchNorm, GELU, conv, BatchNorm, GELU) of widths 64/256/256, a global max-pool and a bias-free linear head
 whose logits are scaled by 1/9. BatchNorm keeps its scale fixed at 1 (only the shift trains) and uses fast
-running statistics, which the short schedules need. What airbench adds outside the network (the whitening
-initialisation of the stem from data patches, Lookahead, test-time flips) is not here: keel's stages build a
-model from its name alone, and evaluate scores one forward pass.
+running statistics, which the short schedules need.
+
+The stem's 2x2 filters can be set from data: :meth:`KeelCifarNet.whiten_stem` makes them the whitening (PCA)
+transform of the training images' 2x2 patches, in +/- pairs, and freezes them, as airbench does. The train stage
+calls it when ``train.stem_init: whiten``; a checkpoint carries the filters, so evaluate and serving need no data.
 """
 from __future__ import annotations
 
@@ -17,9 +19,13 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-__all__ = ["KeelCifarNet", "keel_cifar_net", "keel_cifar_net_s"]
+__all__ = ["KeelCifarNet", "StemInitError", "keel_cifar_net", "keel_cifar_net_s"]
 
 MIN_RESOLUTION = 16  # 2x2 stem (-1 px), then three 2x max-pools: 16 -> 15 -> 7 -> 3 -> 1
+
+
+class StemInitError(ValueError):
+    """The data given to :meth:`KeelCifarNet.whiten_stem` cannot whiten this stem."""
 
 
 class _BatchNorm(nn.BatchNorm2d):
@@ -47,7 +53,7 @@ class KeelCifarNet(nn.Module):
     """airbench-style CIFAR network with timm's model interface (classifier access, parameter groups)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, widths: tuple[int, int, int] = (64, 256, 256),
-                 stem_width: int = 24, logit_scale: float = 1 / 9, drop_rate: float = 0.0, **kwargs: Any):
+                 stem_width: int | None = None, logit_scale: float = 1 / 9, drop_rate: float = 0.0, **kwargs: Any):
         super().__init__()
         # timm's factory passes these to every model: no residual paths to drop, no hub weights to describe
         for k in ("drop_path_rate", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
@@ -56,6 +62,7 @@ class KeelCifarNet(nn.Module):
             raise TypeError(f"KeelCifarNet: unexpected arguments {sorted(kwargs)}")
         self.num_classes, self.in_chans, self.logit_scale, self.drop_rate = num_classes, in_chans, logit_scale, drop_rate
         self.num_features = widths[-1]
+        stem_width = stem_width or 2 * in_chans * 2 * 2  # one +/- pair per whitening direction of a 2x2 patch
         self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_width, 2, padding=0, bias=True), nn.GELU())
         self.stages = nn.Sequential(_ConvGroup(stem_width, widths[0]), _ConvGroup(widths[0], widths[1]),
                                     _ConvGroup(widths[1], widths[2]))
@@ -66,6 +73,34 @@ class KeelCifarNet(nn.Module):
             if isinstance(m, nn.Conv2d) and m is not self.stem[0]:
                 nn.init.dirac_(m.weight[:m.in_channels])  # identity-like start for the first in_channels filters
                 # (the rest keep PyTorch's default init), as airbench does
+
+    @torch.no_grad()
+    def whiten_stem(self, images: torch.Tensor, eps: float = 5e-4) -> dict:
+        """Set the stem's filters to the whitening transform of ``images``' 2x2 patches and freeze them.
+
+        ``images``: normalised float NCHW training images (airbench uses 5,000). The patch covariance's
+        eigenvectors, each divided by sqrt(eigenvalue + eps), become filters ``w`` and ``-w`` (the GELU after the
+        stem would drop half of each direction otherwise). The stem's bias keeps training. Returns a report."""
+        conv = self.stem[0]
+        kh, kw = conv.kernel_size
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise StemInitError(f"whiten_stem: images must be N x {self.in_chans} x H x W, got {tuple(images.shape)}")
+        dims = self.in_chans * kh * kw
+        if conv.out_channels != 2 * dims:
+            raise StemInitError(f"whiten_stem: the stem has {conv.out_channels} filters; whitening {kh}x{kw} patches "
+                                f"of {self.in_chans} channels needs 2 x {dims} = {2 * dims} (stem_width)")
+        x = images.float()
+        patches = x.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, dims)
+        if len(patches) < dims:
+            raise StemInitError(f"whiten_stem: {len(patches)} patches cannot estimate a {dims}x{dims} covariance")
+        cov = (patches.T @ patches / len(patches)).double()
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        filters = (evecs.T / torch.sqrt(evals + eps)[:, None]).reshape(dims, self.in_chans, kh, kw)
+        conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
+        conv.weight.requires_grad_(False)
+        return {"stem_init": "whiten", "whiten_images": int(images.shape[0]), "whiten_patches": len(patches),
+                "whiten_top_eigenvalues": [round(float(v), 4) for v in evals[:3]]}
 
     # ---- timm's model interface
     @torch.jit.ignore
@@ -112,4 +147,4 @@ def keel_cifar_net(pretrained: bool = False, **kwargs: Any) -> KeelCifarNet:
 @register_model
 def keel_cifar_net_s(pretrained: bool = False, **kwargs: Any) -> KeelCifarNet:
     """A quarter of the widths (32/64/64): for CPU smoke runs and the digits-sized sets."""
-    return _create(pretrained, widths=(32, 64, 64), stem_width=24, **kwargs)
+    return _create(pretrained, widths=(32, 64, 64), **kwargs)

@@ -14,8 +14,10 @@ def write(paths: Paths, state: dict, run_info: dict, step_log: list[dict], halte
     plots = Path(paths.train_plots_dir)
     io.write_text(plots / "steps.csv", _csv(step_log, ["step", "train_loss", "lr", "grad_norm", "images_per_s",
                                                         "data_wait_fraction"]))
+    single = any("val_accuracy_single_view" in r for r in state["history"])  # train.tta: the views' gain
     io.write_text(plots / "epochs.csv", _csv(state["history"], ["epoch", "step", "train_loss", "val_loss",
-                                                                  "val_accuracy"]))
+                                                                  "val_accuracy"]
+                                             + (["val_accuracy_single_view"] if single else [])))
     waits = [r["data_wait_fraction"] for r in step_log]
     speeds = [r["images_per_s"] for r in step_log]
     io.write_json(paths.train_metrics, {
@@ -53,7 +55,12 @@ def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
     ax[0, 0].plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val (epoch)")
     ax[0, 0].set_title("loss")
     ax[0, 0].legend()
-    ax[0, 1].plot([r["step"] for r in epochs], [r["val_accuracy"] for r in epochs], "o-")
+    ax[0, 1].plot([r["step"] for r in epochs], [r["val_accuracy"] for r in epochs], "o-",
+                  label="test-time views" if any("val_accuracy_single_view" in r for r in epochs) else None)
+    if any("val_accuracy_single_view" in r for r in epochs):
+        ax[0, 1].plot([r["step"] for r in epochs], [r.get("val_accuracy_single_view") for r in epochs], "s--",
+                      label="single view")
+        ax[0, 1].legend()
     ax[0, 1].set_title("val accuracy")
     ax[1, 0].plot(s, [r["lr"] for r in steps])
     ax[1, 0].set_title("learning rate")
