@@ -140,7 +140,9 @@ class EpochClock(NullLogger):
     def log_metrics(self, metrics: dict, step: int) -> None:
         if "val_accuracy" in metrics:
             self.curve.append({"seconds": round(time.perf_counter() - self.t0, 3), "step": step,
-                               "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"]})
+                               "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"],
+                               **({"val_accuracy_single_view": metrics["val_accuracy_single_view"]}
+                                  if "val_accuracy_single_view" in metrics else {})})
 
 
 def keel_arm(params, target: float) -> dict:
@@ -178,7 +180,8 @@ def keel_arm(params, target: float) -> dict:
             "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
             "val_curve": clock.curve, "seconds_to_target_val": hit,
             "test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "test_reads": ev.looks,
-            "test_decision": ev.decision, "precision": run_info["precision"], "data_mode": run_info["data_mode"]}
+            "test_decision": ev.decision, "precision": run_info["precision"], "data_mode": run_info["data_mode"],
+            "tta": run_info["config"].get("tta", "none")}
 
 
 def _rows(shards_dir: str, split: str) -> int:
@@ -238,13 +241,14 @@ def peer_arm(params, files: dict, workers: int, target: float) -> dict:
     from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
     from tasks import io
-    from tasks.train.model import build_model
+    from tasks.train.data import tta_logits
+    from tasks.train.model import WHITEN_IMAGES, build_model
 
     cfg = params.train
     torch.manual_seed(cfg.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     index = io.ShardIndex.load(params.paths.shards_dir)
-    pad = max(1, index.resolution // 8)
+    pad = cfg.crop_pad or max(1, index.resolution // 8)
     mean = torch.tensor(index.mean, device=dev).view(1, -1, 1, 1) * 255
     std = torch.tensor(index.std, device=dev).view(1, -1, 1, 1) * 255
     t_start = time.perf_counter()
@@ -252,10 +256,19 @@ def peer_arm(params, files: dict, workers: int, target: float) -> dict:
     model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.stem_init == "whiten":  # the recipe's model: its stem from the first train images, as keel's train does
+        first = torch.stack([JpegFiles(files["train"], False, pad)[i][0] for i in range(min(WHITEN_IMAGES,
+                                                                                            len(files["train"])))])
+        model.whiten_stem((first.to(dev).float() - mean) / std)
+    norm_bias = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                 and m.bias is not None and cfg.norm_bias_lr_factor != 1.0}
     decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and id(p) not in norm_bias]
     lr = cfg.lr * cfg.batch_size / cfg.reference_batch
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if norm_bias:
+        groups.append({"params": [p for p in model.parameters() if id(p) in norm_bias], "weight_decay": 0.0,
+                       "lr": lr * cfg.norm_bias_lr_factor})
     opt = (torch.optim.AdamW(groups, lr=lr) if cfg.optimizer == "adamw"
            else torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True))
     loader_kw = {"num_workers": workers, "pin_memory": dev.type == "cuda", "persistent_workers": workers > 0,
@@ -284,7 +297,7 @@ def peer_arm(params, files: dict, workers: int, target: float) -> dict:
         right = n = 0
         with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             for x, y in loader:
-                right += int((net(prep(x)).argmax(1).cpu() == y).sum())
+                right += int((tta_logits(net, prep(x), cfg.tta)[0].argmax(1).cpu() == y).sum())
                 n += len(y)
         return right / max(n, 1)
 
