@@ -147,7 +147,9 @@ class TrainConfig(_Section):
         "none", description="test-time augmentation, part of the model: validation (selection), evaluate and the "
         "served model average the logits of these views (flip: 2 forward passes; flip_translate: 6)")
     norm_bias_lr_factor: float = Field(1.0, gt=0, description="LR multiplier for the shifts (biases) of norm "
-                                       "layers; airbench uses 64 with BatchNorm's scale fixed")
+                                       "layers; airbench uses 64 with BatchNorm's scale fixed. timm's schedulers "
+                                       "share one absolute warmup start and floor across groups, so this group "
+                                       "ends at the same floor as the others")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="timm ModelEmaV3 decay; validation uses the EMA")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
