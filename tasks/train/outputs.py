@@ -55,9 +55,10 @@ def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
     ax[0, 0].plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "o-", label="val (epoch)")
     ax[0, 0].set_title("loss")
     ax[0, 0].legend()
+    single = any("val_accuracy_single_view" in r for r in epochs)  # train.tta on: both curves
     ax[0, 1].plot([r["step"] for r in epochs], [r["val_accuracy"] for r in epochs], "o-",
-                  label="test-time views" if any("val_accuracy_single_view" in r for r in epochs) else None)
-    if any("val_accuracy_single_view" in r for r in epochs):
+                  label="test-time views" if single else None)
+    if single:
         ax[0, 1].plot([r["step"] for r in epochs], [r.get("val_accuracy_single_view") for r in epochs], "s--",
                       label="single view")
         ax[0, 1].legend()
