@@ -368,7 +368,7 @@ def run_baseline(items_fn, dest: Path, workers: int, size: int) -> int:
 
 # ---------------------------------------------------------------- the stages
 def _paths(run_dir: Path):
-    from tasks.config import Paths
+    from tasks.core.config import Paths
 
     return Paths(raw_items=str(run_dir / "raw" / "items"), rejects=str(run_dir / "raw" / "rejects.parquet"),
                  audit_dir=str(run_dir / "reports" / "audit"),
@@ -396,7 +396,7 @@ def _validate_module():
 def run_stages(source: str, run_dir: Path, workers: int, stages: tuple[str, ...], profile_dir: Path | None,
                before_ingest=None) -> dict:
     from tasks import ingest, shard, split
-    from tasks.config import IngestConfig, ShardConfig, SplitConfig, ValidateConfig
+    from tasks.core.config import IngestConfig, ShardConfig, SplitConfig, ValidateConfig
 
     paths = _paths(run_dir)
     # The bench measures cost, not data quality: the gates are opened wide so that a small or synthetic set
@@ -507,7 +507,7 @@ def _has_gpu() -> bool:
 
 
 def git_info() -> dict:
-    from tasks.lineage import code_version
+    from tasks.core.lineage import code_version
 
     return code_version(REPO)
 
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         # ------------------------------------------------ dataset (not timed as a stage)
         prepare_kind, prepare_s = "none", 0.0
         if args.dataset == "digits":
-            from tasks import sources
+            from tasks.ingest import sources
 
             source = "builtin:digits"
 
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_baseline:
             report["baseline"] = {"status": "skipped", "note": "--no-baseline"}
         else:
-            from tasks.config import ShardConfig
+            from tasks.core.config import ShardConfig
 
             size = ShardConfig().resolution  # the shard stage's default training resolution
             print(f"bench: --- baseline (read bytes, PIL decode, RGB, resize {size}x{size}, uint8 rows -> "

@@ -8,7 +8,7 @@ On a fresh copy of the repository (its tracked and not-ignored files committed i
 ``bench/flow_overhead.py``'s ``copy_repo``: no data/, models/, metrics/ or reports/, an empty DVC cache, the
 committed dvc.lock) it runs the default pipeline (the built-in digits, params.yaml as committed at HEAD)
 with a real MLflow tracking server as ``MLFLOW_TRACKING_URI`` (``mlflow server`` on 127.0.0.1 and a free port,
-SQLite and local artifacts, started by ``tests/mlflow_server.py``'s ``mlflow_server`` before the first stage,
+SQLite and local artifacts, started by ``tests/support/mlflow_server.py``'s ``mlflow_server`` before the first stage,
 untimed, and stopped by its PID afterwards), so the train stage logs to it and register registers there.
 
 Each stage of dvc.yaml runs in DAG order (``dvc dag --dot``, ties in dvc.yaml's order) as its own
@@ -72,7 +72,7 @@ from flow_overhead import (
     set_params,
 )
 
-from tests.mlflow_server import mlflow_server
+from tests.support.mlflow_server import mlflow_server
 
 
 def stage_order(work: Path, env: dict[str, str]) -> list[str]:
@@ -176,7 +176,7 @@ def register_figures(work: Path) -> dict | None:
 
 def git_state() -> dict:
     """HEAD and the uncommitted files of the working tree, taken right before the copy (which includes them)."""
-    from tasks.lineage import git
+    from tasks.core.lineage import git
 
     dirty = (git("status", "--porcelain", root=REPO) or "").splitlines()
     return {"commit": git("rev-parse", "--short", "HEAD", root=REPO) or "unknown",

@@ -107,7 +107,7 @@ def synth_dataset(dest: Path, classes: int = 10, seed: int = 0) -> Path:
 
 def load_recipe(recipe: Path, sets: list[str], source: Path, work: Path, device: str) -> tuple[dict, object]:
     """The recipe with overrides, written to ``work/params.yaml`` and validated by keel's own loader."""
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     raw = yaml.safe_load(recipe.read_text())
     for s in sets:
@@ -185,7 +185,7 @@ def keel_arm(params, target: float) -> dict:
 
 
 def _rows(shards_dir: str, split: str) -> int:
-    from tasks import io
+    from tasks.core import io
 
     return io.ShardIndex.load(shards_dir).rows(split)
 
@@ -196,7 +196,7 @@ def split_files(paths, source: Path) -> dict[str, list[tuple[str, int]]]:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from tasks import io
+    from tasks.core import io
 
     classes = io.ShardIndex.load(paths.shards_dir).classes
     uri = dict(zip(*ds.dataset(paths.raw_items).to_table(columns=["id", "source_uri"]).to_pydict().values()))
@@ -240,9 +240,9 @@ def _seed_worker(worker_id: int) -> None:
 def peer_arm(params, files: dict, workers: int, target: float) -> dict:
     from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
-    from tasks import io
-    from tasks.train.data import tta_logits
-    from tasks.train.model import WHITEN_IMAGES, build_model
+    from tasks.core import io
+    from tasks.model.build import WHITEN_IMAGES, build_model
+    from tasks.model.views import tta_logits
 
     cfg = params.train
     torch.manual_seed(cfg.seed)

@@ -10,7 +10,7 @@ For one model, resolution, batch and precision it measures
   pipeline, no gradient clipping, no host syncs inside the timed steps, no logging. Warm-up steps are not timed.
 
 and reports ``real / ceiling`` and the loop's data-wait fraction. The shard set is either ``--shards DIR`` (what
-``keel shard`` wrote) or ``--synth-shards N RES``: N random uint8 images of RES x RES written in the tasks.io
+``keel shard`` wrote) or ``--synth-shards N RES``: N random uint8 images of RES x RES written in the tasks.core.io
 layout (index.json + train/val parquet shards with checksums), so a large-resolution run needs no dataset.
 
     python bench/train_throughput.py --shards data/shards --model resnet18 --batch-size 64 --steps 30
@@ -18,8 +18,8 @@ layout (index.json + train/val parquet shards with checksums), so a large-resolu
         --log-every 10 --device cuda --precision bf16 --channels-last
     python bench/train_throughput.py --smoke --out /tmp/x.json            # CI: tiny, seconds
 
-Imports: torch, timm, numpy, pyarrow and ``tasks.io``. The real loop also needs what ``tasks.train.loop`` imports
-(``tasks.config``: pydantic and PyYAML; matplotlib only for curves.png, skipped without it). Where those are
+Imports: torch, timm, numpy, pyarrow and ``tasks.core.io``. The real loop also needs what ``tasks.train.loop`` imports
+(``tasks.core.config``: pydantic and PyYAML; matplotlib only for curves.png, skipped without it). Where those are
 missing the ceiling is still measured and the real run is recorded as skipped, with the reason.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import io  # numpy + pyarrow only
+from tasks.core import io  # numpy + pyarrow only
 
 SMOKE = {"model": "resnet10t", "synth": (256, 32), "batch_size": 16, "steps": 5, "log_every": 1}
 SYNTH_CLASSES = 10
@@ -61,7 +61,7 @@ SYNTH_CLASSES = 10
 def write_synthetic_shards(root: Path, n_train: int, resolution: int, channels: int = 3,
                            classes: int = SYNTH_CLASSES, seed: int = 0, shard_rows: int = 16_384,
                            row_group_rows: int = 1024) -> dict:
-    """N random uint8 images (+ N/10 for val) in the layout tasks.io.ShardReader reads; returns a summary."""
+    """N random uint8 images (+ N/10 for val) in the layout tasks.core.io.ShardReader reads; returns a summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -164,10 +164,10 @@ def _resolve_precision(want: str, device: torch.device) -> str:
 
 
 def build_model(args, classes: int, channels: int, resolution: int) -> tuple[torch.nn.Module, str]:
-    """keel's own builder when tasks.config imports; otherwise the same timm call and small-input stem."""
+    """keel's own builder when tasks.core.config imports; otherwise the same timm call and small-input stem."""
     try:
-        from tasks.config import TrainConfig
-        from tasks.train import model as tmodel
+        from tasks.core.config import TrainConfig
+        from tasks.model import build as tmodel
     except ImportError as exc:
         import timm
 
@@ -176,9 +176,9 @@ def build_model(args, classes: int, channels: int, resolution: int) -> tuple[tor
                 and hasattr(model, "maxpool"):
             model.conv1 = torch.nn.Conv2d(channels, model.conv1.out_channels, 3, 1, 1, bias=False)
             model.maxpool = torch.nn.Identity()
-        return model, f"bench copy of tasks.train.model.build_model ({exc})"
+        return model, f"bench copy of tasks.model.build.build_model ({exc})"
     model, _ = tmodel.build_model(TrainConfig(model=args.model), classes, channels, resolution)
-    return model, "tasks.train.model.build_model"
+    return model, "tasks.model.build.build_model"
 
 
 def _sync(device: torch.device) -> None:
@@ -277,11 +277,11 @@ def summarise_windows(windows: list[dict]) -> dict:
 
 def measure_real(args, shards_dir: Path, index: io.ShardIndex, work: Path, profile_to: Path | None) -> dict:
     try:
-        from tasks.config import Paths, TrainConfig
+        from tasks.core.config import Paths, TrainConfig
         from tasks.train import loop
     except ImportError as exc:
         return {"status": "skipped", "note": f"tasks.train.loop does not import here ({exc}); it needs pydantic "
-                                             "and PyYAML (tasks.config) besides torch, timm and pyarrow"}
+                                             "and PyYAML (tasks.core.config) besides torch, timm and pyarrow"}
     n_train = index.rows("train")
     per_epoch = n_train // args.batch_size
     if per_epoch == 0:
@@ -353,7 +353,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def git_info() -> dict:
-    from tasks.lineage import code_version
+    from tasks.core.lineage import code_version
 
     return code_version(REPO)
 

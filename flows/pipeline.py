@@ -18,7 +18,7 @@ Parameter overrides (``overrides=["train.lr=0.002"]``, CLI ``--set``) are applie
 applies them: DVC edits ``params.yaml`` in the workspace with Hydra's override grammar
 (``dvc.utils.hydra.apply_overrides``; comments are kept, ``null`` is written as an empty value, ``+key=value``
 adds a key that is not in the file).  Here the edit is made on a copy first and validated with
-``tasks.config.load_params``; only a valid result replaces ``params.yaml``, before any stage runs.  A key that
+``tasks.core.config.load_params``; only a valid result replaces ``params.yaml``, before any stage runs.  A key that
 does not exist fails at once with the key named (and the closest existing key suggested).  As with
 ``dvc exp run`` in the workspace, the edit stays: the next run without ``--set`` sees the same parameters (and
 ``dvc.lock`` records them).
@@ -172,7 +172,7 @@ def dvc(*args: str) -> list[str]:
 
 
 def _schema_has(key: str) -> bool:
-    from tasks.config import Params
+    from tasks.core.config import Params
 
     section, _, rest = key.partition(".")
     fields = {f.alias or name: f for name, f in Params.model_fields.items()}
@@ -213,7 +213,7 @@ def apply_overrides(root: Path, overrides: list[str] | None, write: bool = True)
         return {}
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    from tasks.config import ConfigError, load_params
+    from tasks.core.config import ConfigError, load_params
 
     params_path = root / PARAMS_FILE
     current = yaml.safe_load(params_path.read_text()) or {}
@@ -458,7 +458,7 @@ def run_stage(stage: str, project_dir: str, force: bool = False, up_to_date: boo
 def run_train_multinode(project_dir: str, nnodes: int, rdzv_endpoint: str, rdzv_id: str,
                         rdzv_is_host: bool | None = None, force: bool = False, stage: str = "train") -> dict:
     """Multi-node train: skip if DVC says unchanged, else torchrun with the c10d rendezvous + ``dvc commit``."""
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     log = get_run_logger()
     root = Path(project_dir)
@@ -668,7 +668,7 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
     nnodes / rdzv_endpoint / rdzv_id / rdzv_is_host: multi-node training (c10d rendezvous); io_retries: retries
     of the IO-bound steps; project_dir: the keel checkout (default: the working directory).
     """
-    from tasks.config import load_params
+    from tasks.core.config import load_params
 
     log = get_run_logger()
     t_flow = time.perf_counter()
@@ -743,7 +743,7 @@ def join_train(nnodes: int, rdzv_endpoint: str, rdzv_id: str, project_dir: str |
         wait_for_endpoint(rdzv_endpoint, wait_s)
     root = project_root(project_dir)
     use_checkout(root)
-    from tasks.config import load_params  # the project's own (after use_checkout)
+    from tasks.core.config import load_params  # the project's own (after use_checkout)
 
     cmd = torchrun_command(load_params(root / PARAMS_FILE).train.devices, nnodes, rdzv_endpoint, rdzv_id,
                            rdzv_is_host, local_addr=local_addr())

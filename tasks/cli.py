@@ -1,14 +1,23 @@
-"""The `keel` command: one subcommand per stage, each reading only its own section of params.yaml.
+"""The `keel` command: a table {stage: runner}, each runner reading only its own section of params.yaml.
 
-Errors that a user can fix (bad params, a missing input, a failed data gate) print one readable message and
-exit non-zero without a traceback; anything else is a bug and keeps its traceback.
+Errors that a user can fix (:class:`tasks.core.errors.UserError`: bad params, a missing input, a failed data gate)
+print ``keel <stage>: error: ...`` and exit 1 without a traceback; anything else is a bug and keeps its traceback.
+
+A runner names the module it imports (``Runner.module``); cli.py imports no stage itself, so a stage's import
+closure is cli.py's plus its runner module's (tests/contracts checks it against the stage's dvc.yaml deps).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
-from tasks.config import DEFAULT_PARAMS, ConfigError, load_params
+from tasks.core.config import DEFAULT_PARAMS, Params, load_params
+from tasks.core.errors import DataError, UserError
 
 STAGES = {
     "ingest": "Read the source named by ingest.source (builtin:digits, an image folder, a CSV/parquet manifest or "
@@ -48,6 +57,33 @@ STAGES = {
 }
 
 
+@dataclass(frozen=True)
+class Runner:
+    module: str                                                # imported only when this stage runs
+    call: Callable[[ModuleType, Params, argparse.Namespace], object]
+
+
+def _reproduce(m: ModuleType, params: Params, args: argparse.Namespace) -> None:
+    report = m.run(params.reproduce, params.paths, args.model)
+    if report["reproduced"] != "yes":
+        raise DataError(f"{args.model} was NOT reproduced (see the table above and reports/reproduce.json)")
+
+
+RUNNERS: dict[str, Runner] = {
+    "ingest": Runner("tasks.ingest", lambda m, p, a: m.run(p.ingest, p.paths)),
+    "split": Runner("tasks.split", lambda m, p, a: m.run(p.split, p.paths, refreeze=a.refreeze)),
+    "validate": Runner("tasks.validate", lambda m, p, a: m.run(p.validate_, p.paths)),
+    "shard": Runner("tasks.shard", lambda m, p, a: m.run(p.shard, p.paths)),
+    "train": Runner("tasks.train.entry", lambda m, p, a: m.main(p)),
+    "preflight": Runner("tasks.discipline.preflight", lambda m, p, a: m.require(p)),
+    "evaluate": Runner("tasks.evaluate", lambda m, p, a: m.run(p.evaluate, p.paths)),
+    "register": Runner("tasks.register", lambda m, p, a: m.run(p.register_, p.paths)),
+    "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.run(p)),
+    "reproduce": Runner("tasks.discipline.reproduce", _reproduce),
+}
+assert RUNNERS.keys() == STAGES.keys()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keel", description="keel: a disciplined training pipeline for image "
                                 "classifiers. Each subcommand runs one stage of dvc.yaml.")
@@ -65,84 +101,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar is noise in stage logs
-    from tasks.io import DataError
-    from tasks.sources import SourceError
-    from tasks.split import FrozenSplitError, LeakageError
-
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, SourceError, LeakageError,
-                                                    FrozenSplitError)
+    runner = RUNNERS[args.stage]
     try:
         params = load_params(args.params)
-        if args.stage == "ingest":
-            from tasks import ingest
-            ingest.run(params.ingest, params.paths)
-        elif args.stage == "split":
-            from tasks import split
-            split.run(params.split, params.paths, refreeze=args.refreeze)
-        elif args.stage == "validate":
-            from tasks import validate
-            try:
-                validate.run(params.validate_, params.paths)
-            except validate.ValidationFailed as exc:
-                raise DataError(str(exc)) from None
-        elif args.stage == "shard":
-            from tasks import shard
-            shard.run(params.shard, params.paths)
-        elif args.stage in ("train", "preflight"):
-            import os
-
-            from tasks import preflight
-            from tasks.train import loop
-            from tasks.train.model import ModelConfigError
-
-            try:
-                checked = args.stage == "preflight" or (params.train.preflight and os.environ.get("RANK", "0") == "0")
-                if checked:
-                    preflight.require(params)  # PreflightFailed (a DataError) stops the stage
-                if args.stage == "train":
-                    tracker = _tracker(params, args.stage)
-                    if checked and tracker is not None:  # the checklist this run passed, on its MLflow run
-                        tracker.log_artifact(preflight.report_path(params.paths))
-                    loop.run(params.train, params.paths, logger=tracker)
-            except (loop.TrainError, ModelConfigError) as exc:
-                raise DataError(str(exc)) from None
-        elif args.stage == "evaluate":
-            from tasks import evaluate
-            evaluate.run(params.evaluate, params.paths)
-        elif args.stage == "register":
-            from tasks import register
-            register.run(params.register_, params.paths)
-        elif args.stage == "stability":
-            from tasks import stability
-            stability.run(params)
-        elif args.stage == "reproduce":
-            from tasks import reproduce
-            report = reproduce.run(params.reproduce, params.paths, args.model)
-            if report["reproduced"] != "yes":
-                raise DataError(f"{args.model} was NOT reproduced (see the table above and reports/reproduce.json)")
-    except user_errors as exc:
+        runner.call(importlib.import_module(runner.module), params, args)
+    except UserError as exc:
         print(f"keel {args.stage}: error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _tracker(params, stage: str):
-    """The MLflow logger for rank 0, when keel.tracking is available; the loop itself never imports MLflow."""
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get("KEEL_TRACKING", "mlflow") == "off":
-        return None
-    try:
-        from tasks import tracking
-    except ImportError:
-        return None
-    from pathlib import Path
-
-    return tracking.MlflowLogger(experiment="keel", run_name=stage, tracking_uri=tracking.tracking_uri(Path.cwd()),
-                                 tags={"keel.stage": stage})
 
 
 if __name__ == "__main__":

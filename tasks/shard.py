@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks import io
-from tasks.config import Paths, ShardConfig
-from tasks.imaging import preprocess
-from tasks.parallel import bounded_map
+from tasks.core import io
+from tasks.core.config import Paths, ShardConfig
+from tasks.core.imaging import preprocess
+from tasks.core.parallel import bounded_map
 
 _W: dict = {}
 

@@ -25,17 +25,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tasks import dedup, io
-from tasks.config import Paths, SplitConfig
+from tasks.core import dedup, io
+from tasks.core.config import Paths, SplitConfig
+from tasks.core.errors import UserError
 
 ORDER = {"train": 0, "val": 1, "test": 2}
 
 
-class LeakageError(Exception):
+class LeakageError(UserError):
     """Items of one leakage unit ended up in different splits; the message lists them."""
 
 
-class FrozenSplitError(Exception):
+class FrozenSplitError(UserError):
     """The split parameters differ from those the frozen manifest was made with."""
 
 

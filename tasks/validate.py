@@ -25,8 +25,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tasks.config import Paths, ValidateConfig
-from tasks.io import SPLITS, DataError, atomic_dir, read_manifest, read_raw_meta, write_json, write_text
+from tasks.core.config import Paths, ValidateConfig
+from tasks.core.errors import UserError
+from tasks.core.io import SPLITS, DataError, atomic_dir, read_manifest, read_raw_meta, write_json, write_text
 
 _SITE = "keel"                       # the one Data Docs site; named so UpdateDataDocsAction touches only it
 _ALL = "all"                         # batch of every assigned item, for checks that span splits
@@ -44,7 +45,7 @@ _EXPECTED_TYPES: dict[str, str] = {
 _NOT_NULL = ("id", "label", "width", "height")
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(UserError):
     """At least one expectation failed; the message lists each failure (split, check, ids, what to do)."""
 
     def __init__(self, message: str, result: ValidateResult | None = None) -> None:
@@ -155,7 +156,7 @@ def _load(paths: Paths) -> tuple[pd.DataFrame, int, int]:
         raw = read_raw_meta(paths.raw_items)
     except pa.ArrowInvalid as exc:
         # pyarrow's message for a part missing a column is a FieldRef dump; say what it means.
-        raise DataError(f"{paths.raw_items}: raw items do not match the storage contract in tasks/io.py "
+        raise DataError(f"{paths.raw_items}: raw items do not match the storage contract in tasks/core/io.py "
                         f"({str(exc).splitlines()[0]}); re-run `keel ingest`") from None
     manifest, _meta = read_manifest(paths.split_manifest)
     raw_df = (raw.select(["id", "label", "width", "height"])
@@ -284,10 +285,10 @@ def _hint(check: str, column: str | None, cfg: ValidateConfig) -> str:
                 "(stale manifest: re-run `keel split`) or ingest stored no size (re-run `keel ingest`)")
     hints = {
         "rows": "every split has items: adjust split.fractions or add data, then re-run `keel split`",
-        "exists": f"column {column!r} is part of the storage contract (tasks/io.py): re-run `keel ingest` "
+        "exists": f"column {column!r} is part of the storage contract (tasks/core/io.py): re-run `keel ingest` "
                   "and `keel split` with this keel version",
         "type": f"column {column!r} has type {_EXPECTED_TYPES.get(column or '')} (storage contract in "
-                "tasks/io.py): the writer broke the contract; re-run `keel ingest` and `keel split` with this "
+                "tasks/core/io.py): the writer broke the contract; re-run `keel ingest` and `keel split` with this "
                 "keel version",
         "not_null": f"no item has a null {column}: fix the source or the manifest, then re-run `keel split`",
         "unique": "each id appears once in a split: remove duplicated rows from raw items or the manifest "

@@ -12,7 +12,7 @@ from PIL import Image
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from tasks.config import Paths
+from tasks.core.config import Paths
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None, **kw) -> bytes:
@@ -39,6 +39,17 @@ def tmp_paths(root: Path) -> Paths:
                  test_ledger=str(root / "test_ledger"), register_report=str(root / "reports" / "register.json"))
 
 
+LAYERS = ("unit", "stage", "e2e", "contracts")  # one marker per folder: `pytest -m unit` runs tests/unit
+
+
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).parent
+    for item in items:
+        layer = Path(item.path).relative_to(root).parts[0]
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
+
+
 @pytest.fixture
 def paths(tmp_path: Path) -> Paths:
     return tmp_paths(tmp_path / "out")
@@ -48,7 +59,7 @@ def paths(tmp_path: Path) -> Paths:
 def digits_pipeline(tmp_path_factory):
     """ingest -> split -> shard on builtin digits, once per session (inline workers: fast and deterministic)."""
     from tasks import ingest, shard, split
-    from tasks.config import IngestConfig, ShardConfig, SplitConfig
+    from tasks.core.config import IngestConfig, ShardConfig, SplitConfig
 
     root = tmp_path_factory.mktemp("digits")
     p = tmp_paths(root)
@@ -67,7 +78,7 @@ DIGITS_TRAIN = {"model": "resnet10t", "epochs": 4, "batch_size": 64, "warmup_ste
 def digits_trained(digits_pipeline):
     """digits_pipeline + one short training run: (paths, TrainResult). Tests must not write into its folders;
     copy ``paths.models_dir`` (or use ``tmp_paths`` on a copy) to change anything."""
-    from tasks.config import TrainConfig
+    from tasks.core.config import TrainConfig
     from tasks.train import loop
 
     p, *_ = digits_pipeline

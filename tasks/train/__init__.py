@@ -1,2 +1,2 @@
 """The train stage. Public entry: ``tasks.train.loop.run``. Needs torch, timm, numpy, pyarrow and, through
-``tasks.config``, pydantic and PyYAML; matplotlib is optional (only the curves PNG)."""
+``tasks.core.config``, pydantic and PyYAML; matplotlib is optional (only the curves PNG)."""

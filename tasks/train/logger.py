@@ -1,7 +1,7 @@
 """The tracking interface the training loop talks to (it never imports MLflow or Prefect).
 
 ``MetricLogger`` is what the loop calls; ``JsonlLogger`` writes the same stream to files (always on, rank 0 only);
-the MLflow implementation lives in ``tasks.tracking`` and is plugged in by the CLI when a tracking URI is set.
+the MLflow implementation lives in ``tasks.core.tracking`` and is plugged in by the CLI when a tracking URI is set.
 """
 from __future__ import annotations
 

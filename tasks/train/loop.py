@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tasks import io, lineage
-from tasks.config import Paths, TrainConfig
+from tasks.core import io, lineage
+from tasks.core.config import Paths, TrainConfig
+from tasks.core.errors import UserError
+from tasks.model import build as tmodel
+from tasks.model import views
 from tasks.train import data as tdata
-from tasks.train import model as tmodel
 from tasks.train import outputs
 from tasks.train.logger import JsonlLogger, MetricLogger, MultiLogger, NullLogger
 from tasks.train.signals import SignalMonitor
@@ -33,7 +35,7 @@ from tasks.train.signals import SignalMonitor
 _NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A training problem a user can act on (bad params for this data, no CUDA, a halted run)."""
 
 
@@ -190,7 +192,7 @@ def evaluate(model: torch.nn.Module, norm: torch.nn.Module, split: tdata.DeviceS
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits, plain = tdata.tta_logits(model, x, tta)
+            logits, plain = views.tta_logits(model, x, tta)
         y = split.y[s:s + batch]
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         sums[1] += (logits.argmax(1) == y).sum()
@@ -240,7 +242,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     else:
         train_data = tdata.DeviceSplit(paths.shards_dir, "train", device)
     val_data = tdata.DeviceSplit(paths.shards_dir, "val", device)
-    norm = tdata.Normalize(index.mean, index.std).to(device)
+    norm = views.Normalize(index.mean, index.std).to(device)
 
     if cfg.probe_batch:
         from tasks.train.probe import probe_batch
@@ -353,7 +355,7 @@ def _train(cfg, paths, logger, world, rank, device, master) -> TrainResult:
     else:
         logger = NullLogger()
     git = lineage.git_state()
-    # what a served model must repeat (tasks.imaging.preprocess + Normalize); packaged with best.pt
+    # what a served model must repeat (tasks.core.imaging.preprocess + Normalize); packaged with best.pt
     preprocessing = {"classes": index.classes, "mean": index.mean, "std": index.std, "resolution": index.resolution,
                      "channels": index.channels, "resize": index.resize, "background": list(index.background)}
     run_info = {"config": cfg.model_dump(mode="json"), "data_mode": mode, "world_size": world, "accumulation": accumulation,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import io
-from tasks.config import Paths
+from tasks.core import io
+from tasks.core.config import Paths
 
 
 def write(paths: Paths, state: dict, run_info: dict, step_log: list[dict], halted: str | None) -> None:

@@ -53,7 +53,7 @@ def fit_to_effective(batch: int, effective_batch: int | None, world: int) -> int
 
 def probe_batch(cfg, index, device: torch.device, world: int, master: bool):
     """Replace train.batch_size by the largest per-device batch that fits (CUDA only; agreed across ranks)."""
-    from tasks.train import model as tmodel
+    from tasks.model import build as tmodel
     from tasks.train.loop import _precision
 
     if device.type != "cuda":

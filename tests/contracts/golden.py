@@ -59,7 +59,7 @@ def _keel(work: Path, params: Path, stage: str, nproc: int = 0) -> None:
                "-m", "tasks.cli", stage, "--params", str(params)]
     else:
         cmd = [sys.executable, "-m", "tasks.cli", stage, "--params", str(params)]
-    r = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, check=False, cwd=work, env=_env(), capture_output=True, text=True, timeout=900)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 

@@ -1,0 +1,211 @@
+"""ingest: turn a source into the raw items table, a rejects table and a data audit.
+
+Every candidate the source lists ends up in exactly one of the two tables (found = ingested + rejected); the
+stage prints that account.  Ids are content addresses (sha256 of the original bytes), so the same image under two
+names is one item: the second copy is recorded as a reject (``duplicate_bytes``) naming the kept id.
+Candidates are processed in a fixed pseudo-random order (by a hash of their URI): raw parts, and the shards
+cut from them, are then not sorted by class, and the result does not depend on directory listing order.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.core import io
+from tasks.core.config import IngestConfig, Paths
+from tasks.core.imaging import ImageRejected, decode, features
+from tasks.core.parallel import bounded_map, chunked
+from tasks.ingest import sources
+
+# Stable reject reason codes (the rejects table's ``reason`` column).
+REASONS = {
+    "empty_file": "zero-byte file",
+    "not_an_image": "bytes no image decoder recognises (e.g. text with a .jpg name)",
+    "corrupt_image": "decoder failed part-way (truncated or damaged file)",
+    "decompression_bomb": "more pixels than ingest.max_pixels",
+    "format_not_allowed": "image format not in ingest.allowed_formats",
+    "too_small": "a side shorter than ingest.min_side",
+    "unsupported_mode": "pixel mode with no normalisation rule (e.g. 32-bit float)",
+    "alpha_not_allowed": "transparent image while ingest.alpha=reject",
+    "missing_label": "no label (file outside a class folder, or empty label cell)",
+    "unknown_label": "label not in ingest.classes",
+    "unknown_split": "manifest split not train/val/test",
+    "missing_path": "manifest row without a path",
+    "missing_file": "manifest path does not exist",
+    "path_escapes_root": "path or symlink resolving outside the data root",
+    "read_error": "the file or object could not be read",
+    "duplicate_bytes": "byte-identical to an item already ingested (same id)",
+}
+
+
+@dataclass
+class IngestResult:
+    found: int
+    ingested: int
+    rejected: int
+    reject_counts: dict[str, int]
+    seconds: float
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(decode_kwargs: dict, s3_endpoint: str | None) -> None:
+    _WORKER.clear()
+    _WORKER.update(decode_kwargs=decode_kwargs, s3_endpoint=s3_endpoint, s3=None)
+
+
+def _fetch(c: sources.Candidate) -> bytes:
+    if c.data is not None:
+        return c.data
+    if c.path is not None:
+        with open(c.path, "rb") as f:
+            return f.read()
+    if _WORKER.get("s3") is None:
+        _WORKER["s3"] = sources.s3_client(_WORKER["s3_endpoint"])
+    bucket, key = c.s3
+    return _WORKER["s3"].get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tuple[str, str] | None]]:
+    out = []
+    for c in chunk:
+        try:
+            data = _fetch(c)
+        except Exception as exc:  # noqa: BLE001 - an unreadable item is a reject with the reason, never a crash
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") if c.s3 else None
+            reason = "missing_file" if code in ("NoSuchKey", "404") else "read_error"
+            out.append((None, (reason, f"{type(exc).__name__}: {exc}")))
+            continue
+        try:
+            d = decode(data, **_WORKER["decode_kwargs"])
+            brightness, contrast, pixel_sha, ph = features(d.pixels)
+        except ImageRejected as r:
+            out.append((None, (r.reason, r.detail)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not lose the other items
+            out.append((None, ("corrupt_image", f"decoder raised {type(exc).__name__}: {exc}")))
+            continue
+        out.append(({
+            "id": hashlib.sha256(data).hexdigest(), "image": data, "label": c.label, "source_uri": c.uri,
+            "group": c.group, "source_split": c.source_split, "format": d.format, "width": d.width,
+            "height": d.height, "mode": d.mode, "channels": d.channels, "brightness": brightness,
+            "contrast": contrast, "pixel_sha": pixel_sha, "phash": ph,
+        }, None))
+    return out
+
+
+class _Progress:
+    def __init__(self, total: int, every_s: float = 2.0):
+        self.total, self.every, self.t0, self.last = total, every_s, time.monotonic(), 0.0
+
+    def update(self, done: int, ingested: int, rejected: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            print(f"ingest: {done}/{self.total} ({ingested} ingested, {rejected} rejected) {rate:,.0f} items/s",
+                  file=sys.stderr, flush=True)
+
+
+def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
+    t0 = time.monotonic()
+    cands = sources.candidates(cfg.source, root=cfg.root, s3_endpoint=cfg.s3_endpoint)
+    cands.sort(key=lambda c: hashlib.sha1(c.uri.encode()).digest())
+    declared = set(cfg.classes) if cfg.classes else None
+
+    rejects: list[dict] = []
+
+    def reject(c: sources.Candidate, reason: str, detail: str) -> None:
+        rejects.append({"source_uri": c.uri, "label": c.label, "reason": reason, "detail": detail})
+
+    todo = []
+    for c in cands:
+        if c.reject is not None:
+            reject(c, *c.reject)
+        elif declared is not None and c.label not in declared:
+            reject(c, "unknown_label", f"label {c.label!r} not in ingest.classes {sorted(declared)}")
+        else:
+            todo.append(c)
+
+    decode_kwargs = {"max_pixels": cfg.max_pixels, "allowed_formats": cfg.allowed_formats, "alpha": cfg.alpha,
+                     "min_side": cfg.min_side}
+    seen: dict[str, tuple[str, str]] = {}
+    ingested = 0
+    progress = _Progress(len(cands))
+    with io.atomic_dir(paths.raw_items) as tmp_dir:
+        writer = _PartWriter(tmp_dir, cfg.part_rows)
+        # the same chunking twice: one stream goes to the workers, the other pairs each result with its candidates
+        for chunk, results in zip(chunked(todo, 64),
+                                  bounded_map(_process_chunk, chunked(todo, 64), cfg.workers,
+                                              initializer=_init_worker, initargs=(decode_kwargs, cfg.s3_endpoint))):
+            for c, (row, rej) in zip(chunk, results):
+                if rej is not None:
+                    reject(c, *rej)
+                    continue
+                first = seen.get(row["id"])
+                if first is not None:
+                    conflict = "" if first[1] == c.label else f" (labels differ: kept {first[1]!r}, this {c.label!r})"
+                    reject(c, "duplicate_bytes", f"same bytes as id {row['id'][:16]}… from {first[0]}{conflict}")
+                    continue
+                seen[row["id"]] = (c.uri, c.label)
+                writer.add(row)
+                ingested += 1
+            progress.update(ingested + len(rejects), ingested, len(rejects))
+        writer.close()
+        if ingested == 0:
+            _write_rejects(paths.rejects, rejects)  # the reasons are the useful part of this failure
+            raise io.DataError(f"ingest: none of the {len(cands)} items from {cfg.source} could be ingested; "
+                               f"see the reasons in {paths.rejects}")
+    _write_rejects(paths.rejects, rejects)
+    progress.update(len(cands), ingested, len(rejects), force=True)
+    assert ingested + len(rejects) == len(cands), "ingest account does not balance"
+
+    counts: dict[str, int] = {}
+    for r in rejects:
+        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+    result = IngestResult(len(cands), ingested, len(rejects), dict(sorted(counts.items())), time.monotonic() - t0)
+    from tasks.ingest import audit  # plotting imports are only paid when the audit is written
+
+    audit.write_audit(cfg, paths, result)
+    print(f"ingest: found {result.found} = ingested {result.ingested} + rejected {result.rejected}"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in result.reject_counts.items())})" if result.rejected else ""))
+    return result
+
+
+def _write_rejects(path: str, rejects: list[dict]) -> None:
+    table = pa.Table.from_pylist(rejects, schema=io.REJECT_SCHEMA) if rejects else io.REJECT_SCHEMA.empty_table()
+    io.write_table(path, table)
+
+
+class _PartWriter:
+    """Writes raw rows to part-NNNNN.parquet files of at most ``part_rows`` rows (bounded memory)."""
+
+    # large originals (e.g. 5 MB photos) must not pile up: a part is also closed at this many image bytes
+    MAX_PART_BYTES = 256 << 20
+
+    def __init__(self, out_dir: Path, part_rows: int):
+        self.dir, self.part_rows, self.rows, self.n, self.bytes = Path(out_dir), part_rows, [], 0, 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.bytes += len(row["image"])
+        if len(self.rows) >= self.part_rows or self.bytes >= self.MAX_PART_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows, schema=io.RAW_SCHEMA)
+        pq.write_table(table, self.dir / f"part-{self.n:05d}.parquet", row_group_size=1024)
+        self.n += 1
+        self.rows, self.bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()

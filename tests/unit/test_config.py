@@ -1,0 +1,57 @@
+import pytest
+
+from tasks.core.config import ConfigError, load_params
+
+
+def write(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_repo_params_load():
+    params = load_params("params.yaml")
+    assert params.ingest.source == "builtin:digits"
+    assert params.validate_.max_imbalance_ratio >= 1
+    assert params.paths.shards_dir == "data/shards"
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    p = write(tmp_path, "ingest:\n  sorce: x\n")
+    with pytest.raises(ConfigError, match=r"params.yaml.*\n  ingest.sorce: unknown key"):
+        load_params(p)
+
+
+def test_bad_fractions_named(tmp_path):
+    p = write(tmp_path, "split:\n  fractions: {train: 0.8, val: 0.1, test: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"split: .*fractions must sum to 1.0, got 1.1"):
+        load_params(p)
+
+
+def test_wrong_type_named(tmp_path):
+    p = write(tmp_path, "shard:\n  resolution: big\n")
+    with pytest.raises(ConfigError, match=r"shard.resolution: .*integer"):
+        load_params(p)
+
+
+def test_unknown_section(tmp_path):
+    p = write(tmp_path, "trian:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['trian'\]"):
+        load_params(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_not_a_mapping(tmp_path):
+    p = write(tmp_path, "- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(p)
+
+
+def test_validate_bounds_must_be_ordered(tmp_path):
+    p = write(tmp_path, "validate:\n  min_width: 8\n  max_width: 4\n")
+    with pytest.raises(ConfigError, match=r"validate: .*min_width=8 is greater than max_width=4"):
+        load_params(p)
