@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.core.errors import ConfigError  # noqa: F401  (re-exported: the config loader raises it)
+from tasks.core.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
 

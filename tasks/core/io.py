@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.core.errors import DataError  # noqa: F401  (the storage contracts raise it)
+from tasks.core.errors import DataError
 
 SPLITS = ("train", "val", "test")
 

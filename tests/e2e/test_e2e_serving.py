@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from tests.e2e.test_pipeline import clone_repo, sh
 from tests.support.mlflow_server import QUIET_ENV, free_port, mlflow_command, mlflow_server, stop
 from tests.support.procs import http_ok, log_tail
-from tests.e2e.test_pipeline import clone_repo, sh
 
 MODEL = "keel-classifier"
 

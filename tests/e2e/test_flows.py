@@ -31,10 +31,10 @@ import pytest
 import yaml
 
 from flows import pipeline as fp
+from tests.e2e.test_pipeline import REPO, STAGES, _env, clone_repo, sh
 from tests.support.mlflow_server import free_port, group_alive
 from tests.support.procs import http_ok, log_tail
 from tests.support.s3server import seaweed_s3, weed_binary
-from tests.e2e.test_pipeline import REPO, STAGES, _env, clone_repo, sh
 
 FAST = ["train.epochs=5", "train.warmup_steps=20"]  # ~0.95 val accuracy on digits, half the default time
 BUCKET = "keel-flows"
