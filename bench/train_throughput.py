@@ -155,12 +155,9 @@ def _resolve_device(want: str) -> torch.device:
 
 
 def _resolve_precision(want: str, device: torch.device) -> str:
-    """As tasks.train.loop._precision does (copied: that module needs pydantic to import)."""
-    if want != "auto":
-        return want
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    from tasks.core.runtime import precision  # torch only (no pydantic): importable on the GPU machine
+
+    return precision(want, device)
 
 
 def build_model(args, classes: int, channels: int, resolution: int) -> tuple[torch.nn.Module, str]:
