@@ -383,7 +383,7 @@ def _validate_module():
     import importlib.util
 
     if importlib.util.find_spec("tasks.validate") is None:
-        return None, "tasks/validate.py does not exist yet: validate skipped"
+        return None, "tasks/validate/ does not exist yet: validate skipped"
     try:
         mod = importlib.import_module("tasks.validate")
     except Exception as exc:  # noqa: BLE001 - a half-written module must not stop the other stages' figures

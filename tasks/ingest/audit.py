@@ -14,14 +14,12 @@ import pyarrow.parquet as pq
 
 from tasks.core import dedup, io
 from tasks.core.config import IngestConfig, Paths
+from tasks.core.text import pyplot, save_png
 
 TILE = 72  # contact-sheet tile size in pixels
 
 
 def write_audit(cfg: IngestConfig, paths: Paths, result) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
     meta = io.read_raw_meta(paths.raw_items)
     out = Path(paths.audit_dir)
     labels = np.asarray(meta.column("label").to_pylist(), dtype=object)
@@ -93,30 +91,18 @@ def _stats(a: np.ndarray) -> dict:
             "mean": float(a.mean())}
 
 
-def _save(fig, path: Path) -> None:
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    with io.atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
 def _plot_counts(path: Path, classes, counts) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(classes) + 2), 3))
     ax.bar([str(c) for c in classes], counts, color="#4477aa")
     ax.set_ylabel("items")
     ax.set_title(f"items per class (imbalance {counts.max() / counts.min():.2f}x)" if len(counts) else "no items")
     ax.tick_params(axis="x", rotation=45)
-    _save(fig, path)
+    save_png(path, fig, dpi=100, bbox_inches="tight")
 
 
 def _plot_resolution(path: Path, labels, classes, w, h) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     rng = np.random.default_rng(0)
     for c in classes:
@@ -130,18 +116,17 @@ def _plot_resolution(path: Path, labels, classes, w, h) -> None:
     ax.set_title("resolution per class")
     if len(classes) <= 20:
         ax.legend(fontsize=6, markerscale=2)
-    _save(fig, path)
+    save_png(path, fig, dpi=100, bbox_inches="tight")
 
 
 def _plot_box(path: Path, labels, classes, values, ylabel: str) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(classes) + 2), 3))
     ax.boxplot([values[labels == c] for c in classes], showfliers=False)
     ax.set_xticks(range(1, len(classes) + 1), [str(c) for c in classes], rotation=45)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel} per class")
-    _save(fig, path)
+    save_png(path, fig, dpi=100, bbox_inches="tight")
 
 
 def _contact_sheet(path: Path, raw_dir: str, ids: list[str], labels, n: int, seed: int) -> list[str]:
