@@ -110,7 +110,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
 
 def write_json(dest: str | Path, obj) -> None:
     with atomic_path(dest) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def write_text(dest: str | Path, text: str) -> None:
@@ -149,7 +149,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):
@@ -274,20 +274,25 @@ class TestSplitAccessError(PermissionError):
     """Raised when anything but the evaluate stage asks for the test shards."""
 
 
-_TEST_READER_TOKEN = "tasks.evaluate"
+TEST_READER = "tasks.evaluate"
+"""The ``reader_of`` that opens the sealed test split (an exact match: no other value, ``tasks.evaluate.<sub>``
+included, is accepted). It is a declaration, not a lock: the contract is that only the evaluate package, which
+records every read in its test-access ledger, passes it (from whichever of its modules reads), plus tests that
+need the test rows to check evaluate's output. Stage code that passes it bypasses the ledger."""
+_TEST_READER_TOKEN = TEST_READER  # the old private name, kept for callers that still reach for it
 
 
 class ShardReader:
     """Iterate one split's shards as (images uint8 [N,H,W,C], labels int64 [N], ids) batches.
 
     Checksums are verified before a shard is used; a mismatch raises ``DataError`` naming the shard.
-    The test split is sealed: only the evaluate stage (``reader_of="tasks.evaluate"``) may open it.
+    The test split is sealed: only the evaluate stage (``reader_of=TEST_READER``) may open it.
     """
 
     def __init__(self, shards_dir: str | Path, split: str, *, verify: bool = True, reader_of: str | None = None):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        if split == "test" and reader_of != _TEST_READER_TOKEN:
+        if split == "test" and reader_of != TEST_READER:
             raise TestSplitAccessError(
                 "the test split is sealed: only the evaluate stage reads it, once per model "
                 "(select models on the val split)")

@@ -328,6 +328,17 @@ def test_the_test_split_is_sealed_to_everyone_but_evaluate(digits_trained):
             io.ShardReader(p.shards_dir, "test", reader_of=caller)
     assert len(io.ShardReader(p.shards_dir, "val")) > 0  # the other splits stay open
     assert len(io.ShardReader(p.shards_dir, "test", reader_of=evaluate.__name__)) > 0
+    assert io.TEST_READER == evaluate.__name__  # the public token is the package's name, its modules pass it
+
+
+def test_no_project_code_outside_evaluate_presents_the_test_reader_token():
+    """io.TEST_READER is a declaration, not a lock: the seal holds only while no other code (tests aside) passes
+    it, so a reach for the test split from a stage, the serving layer, a flow or a bench is caught here."""
+    offenders = [f.relative_to(REPO).as_posix()
+                 for d in ("tasks", "flows", "bench") for f in sorted((REPO / d).rglob("*.py"))
+                 if not f.is_relative_to(REPO / "tasks" / "evaluate") and f != REPO / "tasks" / "core" / "io.py"
+                 and any(s in f.read_text() for s in ("TEST_READER", 'reader_of="tasks.evaluate"'))]
+    assert not offenders, f"{offenders} present the test-split token; only tasks/evaluate may read the test split"
 
 
 def test_cli_exits_1_with_a_readable_error_on_a_refused_second_look(first, digits_trained, tmp_path):
