@@ -68,592 +68,81 @@ failure.
 
 Subprocesses run in the project folder with this interpreter's ``bin/`` first on PATH (``dvc``, ``keel``,
 ``torchrun`` of the same environment) and the project first on PYTHONPATH (the checkout's own ``tasks``).
+
+Modules: this one is the flow and the CLI; ``flows.stages`` the Prefect tasks (and their retry policy),
+``flows.dvc_run`` the DVC subprocesses, ``flows.overrides`` ``--set``, ``flows.multinode`` torchrun across nodes
+and ``--join-train``, ``flows.artifacts`` the UI artifacts, ``flows.project`` the checkout and its subprocess
+environment, ``flows.errors`` FlowError and StageFailed, ``flows.workspace`` the cluster's workspace volume.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import difflib
-import hashlib
 import json
-import os
-import re
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
+from prefect import flow, get_run_logger
+
+from flows.artifacts import publish_artifacts, read_json
+from flows.dvc_run import changed_stages, lock_summary, metrics_show
+from flows.errors import FlowError, StageFailed
+
+# torchrun_command is not used here: it is re-exported for tests/e2e/infra/test_multinode.py (with subprocess_env)
+from flows.multinode import join_train, torchrun_command  # noqa: F401
+from flows.overrides import apply_overrides
+from flows.project import load_params, project_root, stage_names, subprocess_env, use_checkout
+from flows.stages import dvc_push, io_options, is_io_bound, run_stage, run_train_multinode
 
 FLOW_NAME = "keel-pipeline"
-PARAMS_FILE = "params.yaml"
-IO_RETRY_BACKOFF_S = 5.0      # first retry after ~5 s, then ~10 s, ~20 s (exponential, with jitter)
-MULTINODE_MAX_RESTARTS = 3    # torchrun restarts of the whole worker group (training resumes from models/last.pt)
-ENV_REMOTE = "keel-env"       # the local DVC remote made from KEEL_DVC_REMOTE_URL
-LOCAL_ADDR_ENV = "KEEL_LOCAL_ADDR"  # this node's address for torchrun --local_addr (the pod IP on the cluster)
-JOIN_POLL_S = 2.0             # --join-train --wait-s: a TCP connect to the rendezvous endpoint this often
-JOIN_REPORT_S = 30.0          # ... and a progress line this often
-_TRANSIENT = re.compile(
-    r"connection refused|connection reset|connection aborted|broken pipe|timed out|timeout|"
-    r"temporary failure in name resolution|name or service not known|could not connect|"
-    r"endpointconnectionerror|slow ?down|throttl|too many requests|service unavailable|internalerror|"
-    r"(?:status|code|http|error)\D{0,3}(?:429|500|502|503|504)\b|\((?:429|500|502|503|504)\)|"
-    r"database is locked|remotedisconnected|"
-    r"max retries exceeded", re.IGNORECASE)
-_ERROR_LINE = re.compile(r"^keel [\w-]+: error:")
-
-
-class FlowError(RuntimeError):
-    """The flow cannot start (not a DVC project, bad overrides, inconsistent launch parameters)."""
-
-
-class OverrideError(FlowError):
-    """A ``--set`` override that does not apply to params.yaml; the message names the key."""
-
-
-class StageFailed(RuntimeError):
-    """A stage (or dvc push) exited non-zero; the message is the stage's own error text."""
-
-    def __init__(self, stage: str, returncode: int, detail: str, transient: bool = False):
-        self.stage, self.returncode, self.detail, self.transient = stage, returncode, detail, transient
-        super().__init__(f"stage '{stage}' failed (exit {returncode}): {detail}")
-
-    def __reduce__(self):  # picklable with its fields (Prefect may serialise a task's exception)
-        return (StageFailed, (self.stage, self.returncode, self.detail, self.transient))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# plain helpers (no Prefect): the DAG, overrides, commands
-
-
-def project_root(project_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(project_dir or os.getcwd()).resolve()
-    if not (root / "dvc.yaml").is_file():
-        raise FlowError(f"{root}: no dvc.yaml here; run from the keel project root or pass project_dir")
-    return root
-
-
-def use_checkout(root: Path) -> None:
-    """Import ``tasks`` (the params schema) from this checkout, as the stage subprocesses do (PYTHONPATH), even
-    when a worker loaded the flow from elsewhere or another copy of keel is installed in the environment."""
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-
-def stage_names(root: Path) -> list[str]:
-    """The stages of dvc.yaml, in the order written there (the DAG's order)."""
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    if not stages:
-        raise FlowError(f"{root / 'dvc.yaml'}: no stages")
-    return list(stages)
-
-
-def subprocess_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    for k, v in (("DO_NOT_TRACK", "1"), ("DVC_NO_ANALYTICS", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true")):
-        env.setdefault(k, v)
-    env.update(extra or {})
-    return env
-
-
-def dvc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
-
-
-def _schema_has(key: str) -> bool:
-    from tasks.core.config import Params
-
-    section, _, rest = key.partition(".")
-    fields = {f.alias or name: f for name, f in Params.model_fields.items()}
-    if section not in fields:
-        return False
-    if not rest:
-        return True
-    model = fields[section].annotation
-    sub = rest.split(".")[0]
-    return sub in getattr(model, "model_fields", {})
-
-
-def _flat_keys(d: Any, prefix: str = "") -> list[str]:
-    if not isinstance(d, dict):
-        return []
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.append(key)
-        out += _flat_keys(v, key + ".")
-    return out
-
-
-def _lookup(d: Any, key: str) -> tuple[bool, Any]:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return False, None
-        d = d[part]
-    return True, d
-
-
-def apply_overrides(root: Path, overrides: list[str] | None, write: bool = True) -> dict[str, Any]:
-    """Apply ``key=value`` overrides to params.yaml as ``dvc exp run -S`` does, validated before anything is
-    written; returns {key: value as now in params.yaml}.  ``write=False`` only validates."""
-    # "params.yaml:key=value" (dvc's form naming the file) is the same as "key=value"
-    overrides = [o.strip().removeprefix(f"{PARAMS_FILE}:") for o in overrides or [] if o and o.strip()]
-    if not overrides:
-        return {}
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
-
-    from tasks.core.config import ConfigError, load_params
-
-    params_path = root / PARAMS_FILE
-    current = yaml.safe_load(params_path.read_text()) or {}
-    keys = []
-    for ov in overrides:
-        key, eq, _ = ov.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise OverrideError(f"--set {ov!r}: expected KEY=VALUE, e.g. train.lr=0.002")
-        bare = key.lstrip("+~")
-        keys.append(bare)
-        if key.startswith(("+", "~")):
-            continue  # Hydra's add / delete: the result is validated below
-        found, _ = _lookup(current, bare)
-        if not found:
-            if _schema_has(bare):
-                raise OverrideError(f"--set {ov}: {bare} is not in {PARAMS_FILE} (it is a setting with its "
-                                    f"default value); add it with --set +{ov}")
-            close = difflib.get_close_matches(bare, _flat_keys(current), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise OverrideError(f"--set {ov}: unknown parameter {bare} (no such key in {PARAMS_FILE}){hint}")
-    with tempfile.TemporaryDirectory(prefix="keel-params-") as tmp:
-        trial = Path(tmp) / PARAMS_FILE
-        shutil.copyfile(params_path, trial)
-        try:
-            dvc_apply_overrides(str(trial), overrides)
-        except Exception as exc:  # noqa: BLE001 - dvc's InvalidArgumentError (Hydra parse/compose errors)
-            cause = exc.__cause__ or exc
-            raise OverrideError(f"--set {' '.join(overrides)}: {cause}") from None
-        try:
-            load_params(trial)
-        except ConfigError as exc:
-            msg = str(exc).replace(str(trial), f"{PARAMS_FILE} (with --set {' '.join(overrides)})")
-            raise OverrideError(msg) from None
-        new = yaml.safe_load(trial.read_text()) or {}
-        if write and trial.read_bytes() != params_path.read_bytes():
-            staged = params_path.with_name(f".{PARAMS_FILE}.flow-tmp")
-            shutil.copyfile(trial, staged)
-            os.replace(staged, params_path)
-    return {k: _lookup(new, k)[1] for k in keys}
-
-
-def torchrun_command(nproc_per_node: int, nnodes: int, rdzv_endpoint: str, rdzv_id: str,
-                     is_host: bool | None = None, max_restarts: int = MULTINODE_MAX_RESTARTS,
-                     local_addr: str | None = None) -> list[str]:
-    """The multi-node launch of the train stage on one node (every node runs the same line).  ``local_addr``:
-    this node's address as the other nodes reach it (default: torch uses this host's FQDN)."""
-    if nnodes < 2:
-        raise FlowError("torchrun_command is for nnodes >= 2; one node runs dvc.yaml's --standalone cmd")
-    _split_endpoint(rdzv_endpoint)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nnodes={nnodes}", f"--nproc_per_node={nproc_per_node}",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
-    if is_host is not None:
-        cmd.append(f"--rdzv_conf=is_host={int(bool(is_host))}")
-    if local_addr:
-        cmd.append(f"--local_addr={local_addr}")
-    return cmd + [f"--max_restarts={max_restarts}", "-m", "tasks.cli", "train"]
-
-
-def _split_endpoint(rdzv_endpoint: str | None) -> tuple[str, int]:
-    host, _, port = (rdzv_endpoint or "").rpartition(":")
-    if not host or not port.isdigit():
-        raise FlowError(f"rdzv_endpoint must be host:port (got {rdzv_endpoint!r})")
-    return host, int(port)
-
-
-def local_addr() -> str | None:
-    """This node's address for torchrun (``KEEL_LOCAL_ADDR``; the pod IP on the cluster), else None."""
-    return os.environ.get(LOCAL_ADDR_ENV, "").strip() or None
-
-
-def wait_for_endpoint(rdzv_endpoint: str, wait_s: float, poll_s: float = JOIN_POLL_S,
-                      report_s: float = JOIN_REPORT_S) -> float:
-    """Wait until ``host:port`` accepts a TCP connection (the rendezvous host's torchrun is up); returns the
-    seconds waited.  A name that does not resolve yet (the host's pod not scheduled) counts as not up.  Prints a
-    progress line every ``report_s``; raises FlowError naming the endpoint after ``wait_s`` seconds."""
-    host, port = _split_endpoint(rdzv_endpoint)
-    print(f"join-train: waiting up to {wait_s:g} s for the rendezvous at {rdzv_endpoint}", flush=True)
-    t0 = time.monotonic()
-    next_report = t0 + report_s
-    last = "not tried"
-    while True:
-        left = wait_s - (time.monotonic() - t0)
-        try:
-            with socket.create_connection((host, port), timeout=max(0.2, min(5.0, left))):
-                waited = time.monotonic() - t0
-                print(f"join-train: rendezvous {rdzv_endpoint} is up (waited {waited:.0f} s)", flush=True)
-                return waited
-        except OSError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        now = time.monotonic()
-        if now - t0 >= wait_s:
-            raise FlowError(
-                f"--join-train: nothing accepted a connection at {rdzv_endpoint} within {wait_s:g} s (last: {last}). "
-                f"Check that the flow run with nnodes >= 2 and rdzv_endpoint={rdzv_endpoint} is running and has "
-                "reached its train stage (its torchrun opens the rendezvous then; a train stage that DVC finds "
-                f"unchanged is skipped and opens none), that {host} resolves from this node (on the cluster: the "
-                "headless Service keel-flow-rdzv selects the flow-run pod through its keel.dev/rendezvous label) "
-                f"and that port {port} is reachable (network policies)")
-        if now >= next_report:
-            print(f"join-train: waiting for the rendezvous at {rdzv_endpoint} ({now - t0:.0f} of {wait_s:g} s; "
-                  f"{last})", flush=True)
-            next_report += report_s
-        time.sleep(max(0.0, min(poll_s, wait_s - (now - t0))))
-
-
-def error_detail(stderr: str, stdout: str = "", n: int = 20) -> str:
-    """The stage's own message: its ``keel <stage>: error:`` line(s) with their indented continuation, else
-    the last ``n`` non-empty lines of stderr (then stdout)."""
-    lines = stderr.splitlines()
-    picked: list[str] = []
-    for i, line in enumerate(lines):
-        if _ERROR_LINE.match(line.strip()) and line.strip() not in picked:
-            picked.append(line.strip())
-            for cont in lines[i + 1:i + 40]:
-                if cont.startswith((" ", "\t")) and cont.strip():
-                    picked.append(cont.rstrip())
-                else:
-                    break
-    if picked:
-        return "\n".join(picked)
-    tail = [ln for ln in (stderr or stdout).splitlines() if ln.strip()][-n:]
-    return "\n".join(tail) or "(no output)"
-
-
-def stage_status(stage: str, stdout: str) -> str:
-    if f"Running stage '{stage}'" in stdout:
-        return "ran"
-    if "is cached - skipping run" in stdout:
-        return "restored"
-    return "skipped"
-
-
-def run_logged(cmd: list[str], root: Path, env: dict[str, str], log=None) -> tuple[int, str, str]:
-    """Run ``cmd``, streaming both streams line by line to ``log`` (a logger); returns (rc, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
-    out: list[str] = []
-    err: collections.deque[str] = collections.deque(maxlen=400)
-
-    def pump(stream, sink, level):
-        for line in stream:
-            sink.append(line)
-            if log is not None and line.strip():
-                level(line.rstrip())
-
-    # stderr is the stages' progress and warnings as much as errors: logged at INFO too (errors raise below)
-    t = threading.Thread(target=pump, args=(proc.stderr, err, log.info if log else None), daemon=True)
-    t.start()
-    pump(proc.stdout, out, log.info if log else None)
-    rc = proc.wait()
-    t.join()
-    return rc, "".join(out), "".join(err)
-
-
-def _quiet(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          check=False)
-
-
-def lock_summary(root: Path) -> dict[str, Any]:
-    path = root / "dvc.lock"
-    if not path.is_file():
-        return {"sha256": None, "stages": {}}
-    raw = path.read_bytes()
-    lock = yaml.safe_load(raw) or {}
-    stages = {name: {o["path"]: o.get("md5") for o in (st or {}).get("outs", []) if isinstance(o, dict)}
-              for name, st in (lock.get("stages") or {}).items()}
-    return {"sha256": hashlib.sha256(raw).hexdigest(), "stages": stages}
-
-
-def metrics_show(root: Path, env: dict[str, str]) -> dict[str, Any]:
-    r = _quiet(dvc("metrics", "show", "--json"), root, env)
-    if r.returncode != 0:
-        return {"error": error_detail(r.stderr, r.stdout, 5)}
-    try:
-        data = json.loads(r.stdout or "{}")
-    except json.JSONDecodeError:
-        return {"error": f"unreadable output of dvc metrics show: {r.stdout[:200]!r}"}
-    ws = data.get("", data.get("workspace", {})).get("data", {})
-    return {path: v.get("data", v.get("error")) for path, v in ws.items()}
-
-
-def changed_stages(root: Path, env: dict[str, str]) -> set[str] | None:
-    """Stages that ``dvc status`` reports as changed (one DVC start-up for the whole DAG); None if unknown."""
-    r = _quiet(dvc("status", "--json"), root, env)
-    if r.returncode != 0:
-        return None
-    try:
-        return set(json.loads(r.stdout or "{}"))
-    except ValueError:
-        return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _retry_if_transient(task, task_run, state) -> bool:
-    """Prefect's retry_condition_fn: retry a StageFailed only when it looks like IO; anything else retries."""
-    exc = getattr(state, "data", None)
-    if not isinstance(exc, BaseException):
-        try:
-            exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001 - a result that cannot be read: let the retry policy decide
-            return True
-    return exc.transient if isinstance(exc, StageFailed) else True
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tasks
-
-
-@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
-def run_stage(stage: str, project_dir: str, force: bool = False, up_to_date: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item [--force] <stage>``; raises StageFailed with the stage's own message.
-    ``up_to_date``: DVC's status already says the stage is unchanged (and nothing upstream ran): skipped without
-    starting DVC again."""
-    log = get_run_logger()
-    if up_to_date and not force:
-        log.info(f"stage {stage}: unchanged (dvc status), skipped")
-        return {"stage": stage, "status": "skipped", "forced": False, "command_seconds": 0.0}
-    root = Path(project_dir)
-    cmd = dvc("repro", "--single-item", *(["--force"] if force else []), stage)
-    t0 = time.perf_counter()
-    rc, out, err = run_logged(cmd, root, subprocess_env(root), log)
-    seconds = time.perf_counter() - t0
-    if rc != 0:
-        # DVC exits 255 whatever the command's code; report the command's own ("..., exited with 1")
-        m = re.search(r"failed to run: .*exited with (-?\d+)", err)
-        raise StageFailed(stage, int(m.group(1)) if m else rc, error_detail(err, out),
-                          transient=bool(_TRANSIENT.search(err[-4000:])))
-    status = stage_status(stage, out)
-    log.info(f"stage {stage}: {status} in {seconds:.2f} s")
-    return {"stage": stage, "status": status, "forced": force, "command_seconds": round(seconds, 3)}
-
-
-@task(name="train-multinode", task_run_name="train x{nnodes} nodes", cache_policy=NO_CACHE, persist_result=False)
-def run_train_multinode(project_dir: str, nnodes: int, rdzv_endpoint: str, rdzv_id: str,
-                        rdzv_is_host: bool | None = None, force: bool = False, stage: str = "train") -> dict:
-    """Multi-node train: skip if DVC says unchanged, else torchrun with the c10d rendezvous + ``dvc commit``."""
-    from tasks.core.config import load_params
-
-    log = get_run_logger()
-    root = Path(project_dir)
-    env = subprocess_env(root)
-    t0 = time.perf_counter()
-    if not force:
-        r = _quiet(dvc("status", stage, "--json"), root, env)
-        if r.returncode != 0:
-            raise StageFailed(stage, r.returncode, error_detail(r.stderr, r.stdout))
-        if not json.loads(r.stdout or "{}"):
-            log.info(f"stage {stage}: unchanged (dvc status), skipping")
-            return {"stage": stage, "status": "skipped", "forced": False,
-                    "command_seconds": round(time.perf_counter() - t0, 3)}
-    nproc = load_params(root / PARAMS_FILE).train.devices
-    cmd = torchrun_command(nproc, nnodes, rdzv_endpoint, rdzv_id, rdzv_is_host, local_addr=local_addr())
-    log.info("multi-node train: " + " ".join(cmd))
-    rc, out, err = run_logged(cmd, root, env, log)
-    if rc != 0:
-        raise StageFailed(stage, rc, error_detail(err, out))
-    rc, out, err = run_logged(dvc("commit", "--force", stage), root, env, log)
-    if rc != 0:
-        raise StageFailed(stage, rc, "dvc commit after the multi-node run: " + error_detail(err, out))
-    return {"stage": stage, "status": "ran", "forced": force, "nnodes": nnodes,
-            "command_seconds": round(time.perf_counter() - t0, 3)}
-
-
-def resolve_remote(root: Path, env: dict[str, str], remote: str | None) -> str | None:
-    """The remote to push to: ``remote``; else KEEL_DVC_REMOTE_URL (added as the local remote keel-env); else
-    DVC's default remote; else None."""
-    if remote:
-        return remote
-    url = os.environ.get("KEEL_DVC_REMOTE_URL")
-    if url:
-        for cmd in (dvc("remote", "add", "--local", "--force", ENV_REMOTE, url),
-                    *([dvc("remote", "modify", "--local", ENV_REMOTE, "endpointurl", os.environ["AWS_ENDPOINT_URL"])]
-                      if os.environ.get("AWS_ENDPOINT_URL") and url.startswith("s3://") else [])):
-            r = _quiet(cmd, root, env)
-            if r.returncode != 0:
-                raise StageFailed("push", r.returncode, "configuring KEEL_DVC_REMOTE_URL: " + error_detail(r.stderr))
-        return ENV_REMOTE
-    r = _quiet(dvc("remote", "default"), root, env)
-    name = r.stdout.strip()
-    return name if r.returncode == 0 and name else None
-
-
-@task(name="dvc-push", cache_policy=NO_CACHE, persist_result=False)
-def dvc_push(project_dir: str, remote: str | None = None) -> dict[str, Any]:
-    log = get_run_logger()
-    root = Path(project_dir)
-    env = subprocess_env(root)
-    name = resolve_remote(root, env, remote)
-    if name is None:
-        log.info("dvc push skipped: no DVC remote is configured (add one with `dvc remote add -d NAME URL`, "
-                 "or set KEEL_DVC_REMOTE_URL)")
-        return {"pushed": False, "remote": None, "detail": "no remote configured"}
-    t0 = time.perf_counter()
-    rc, out, err = run_logged(dvc("push", "--remote", name), root, env, log)
-    if rc != 0:
-        raise StageFailed("push", rc, error_detail(err, out), transient=bool(_TRANSIENT.search(err[-4000:])))
-    return {"pushed": True, "remote": name, "detail": (out.strip().splitlines() or [""])[-1],
-            "seconds": round(time.perf_counter() - t0, 3)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# artifacts
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "-" if v is None else str(v)
-
-
-def _artifact(log, name: str, fn) -> None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - a missing/malformed report must not fail a finished pipeline
-        log.warning(f"artifact {name}: not published ({type(exc).__name__}: {exc})")
-
-
-def publish_artifacts(root: Path, paths, result: dict[str, Any]) -> None:
-    log = get_run_logger()
-
-    def audit():
-        a = _read_json(root / paths.audit_dir / "audit.json")
-        if a is None:
-            raise FileNotFoundError(f"{paths.audit_dir}/audit.json")
-        per_class = a.get("per_class") or {}
-        rows = [{"class": c, "count": n,
-                 "median width": (per_class.get(c) or {}).get("width", {}).get("median"),
-                 "median height": (per_class.get(c) or {}).get("height", {}).get("median"),
-                 "mean brightness": _fmt((per_class.get(c) or {}).get("brightness", {}).get("mean"))}
-                for c, n in (a.get("class_counts") or {}).items()]
-        create_table_artifact(rows, key="keel-data-audit", description=(
-            f"Data audit of {a.get('source')}: found {a.get('found')} = ingested {a.get('ingested')} + rejected "
-            f"{a.get('rejected')} (reasons: {a.get('reject_reasons') or 'none'}); imbalance "
-            f"{_fmt(a.get('imbalance_ratio'))}; modes {a.get('modes')}. Plots and contact sheet: {paths.audit_dir}/"))
-
-    def leakage():
-        lk = _read_json(root / paths.leakage_report)
-        if lk is None:
-            raise FileNotFoundError(paths.leakage_report)
-        counts = lk.get("counts") or {}
-        md = [f"# Split and leakage: {'passed' if lk.get('passed') else 'FAILED'}", "",
-              "| split | items |", "|---|---:|", *[f"| {k} | {v} |" for k, v in counts.items()], "",
-              (f"- leakage units: {lk.get('units')}; exact duplicate links {lk.get('exact_duplicate_links')}, "
-               f"near duplicate links {lk.get('near_duplicate_links')}"),
-              (f"- cross-split policy `{lk.get('cross_split_policy')}`: {len(lk.get('cross_split_items') or [])} "
-               f"item(s) handled; frozen ids kept {lk.get('frozen_ids_kept')}"),
-              f"- problems: {lk.get('problems') or 'none'}"]
-        create_markdown_artifact("\n".join(md), key="keel-leakage", description=str(paths.leakage_report))
-
-    def validation():
-        s = _read_json(root / paths.validate_dir / "summary.json")
-        if s is None:
-            raise FileNotFoundError(f"{paths.validate_dir}/summary.json")
-        md = [f"# Data validation: {'PASSED' if s.get('success') else 'FAILED'}", "",
-              (f"{s.get('expectations')} expectations; classes ({s.get('classes_source')}): "
-               f"{', '.join(map(str, s.get('classes') or []))}"), "",
-              "| split | rows | classes present | imbalance | label TV distance from train |",
-              "|---|---:|---:|---:|---:|"]
-        n_classes = len(s.get("classes") or [])
-        for split, v in (s.get("splits") or {}).items():
-            md.append(f"| {split} | {v.get('rows')} | {len(v.get('class_counts') or {})}/{n_classes} | "
-                      f"{_fmt(v.get('imbalance_ratio'))} | {_fmt(v.get('label_tv_distance'))} |")
-        if s.get("failures"):
-            md += ["", "Failures:", *[f"- {f}" for f in s["failures"]]]
-        md += ["", f"Data Docs: {s.get('docs_index')}"]
-        create_markdown_artifact("\n".join(md), key="keel-validation", description=f"{paths.validate_dir}/summary.json")
-
-    def training():
-        t = _read_json(root / paths.train_metrics)
-        if t is None:
-            raise FileNotFoundError(paths.train_metrics)
-        md = ["# Training", "", "| metric | value |", "|---|---:|", *[f"| {k} | {_fmt(v)} |" for k, v in t.items()]]
-        csv_path = root / paths.train_plots_dir / "epochs.csv"
-        if csv_path.is_file():
-            rows = [ln.split(",") for ln in csv_path.read_text().splitlines() if ln.strip()]
-            head, body = rows[0], rows[1:]
-            shown = body if len(body) <= 6 else body[:3] + [["..."] * len(head)] + body[-3:]
-            md += ["", f"Epochs ({len(body)}; curves: {paths.train_plots_dir}/curves.png):", "",
-                   "| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-            md += ["| " + " | ".join(_fmt(float(c)) if c not in ("...", "") and not c.isdigit() else c
-                                     for c in row) + " |" for row in shown]
-        create_markdown_artifact("\n".join(md), key="keel-training", description=str(paths.train_metrics))
-
-    def test_metrics():
-        m = _read_json(root / paths.test_metrics)
-        if m is None:
-            raise FileNotFoundError(paths.test_metrics)
-        create_table_artifact([{"metric": k, "value": _fmt(v)} for k, v in m.items()], key="keel-test-metrics",
-                              description=f"{paths.test_metrics} (the one read of the sealed test split)")
-
-    def model():
-        r = _read_json(root / paths.register_report)
-        if r is None:
-            raise FileNotFoundError(paths.register_report)
-        name, version, uri = r.get("model_name"), r.get("version"), r.get("tracking_uri") or ""
-        failed = [c.get("name") for c in (r.get("gate") or {}).get("checks", []) if not c.get("passed")]
-        md = [f"# Model: {r.get('status')}", "", f"- model: `{name}` version **{version}**",
-              f"- aliases: {', '.join('@' + a for a in r.get('aliases') or []) or 'none'}",
-              f"- model URI: `{r.get('model_uri')}` (version URI `{r.get('version_uri')}`)",
-              f"- tracking URI: `{uri}`; run `{r.get('run_id')}`"]
-        if failed:
-            md.append(f"- gate failed: {', '.join(failed)}")
-        serve = (r.get("serve") or {}).get("command")
-        if serve:
-            md.append(f"- serve: `MLFLOW_TRACKING_URI={uri} {serve}`")
-        create_markdown_artifact("\n".join(md), key="keel-model", description=str(paths.register_report))
-        if version is not None:
-            if uri.startswith(("http://", "https://")):
-                link, text = f"{uri.rstrip('/')}/#/models/{name}/versions/{version}", f"{name} v{version} in MLflow"
-            else:
-                link, text = r.get("version_uri") or f"models:/{name}/{version}", f"{name} v{version} ({uri})"
-            create_link_artifact(link, link_text=text, key="keel-model-link", description="registered model version")
-
-    def run_summary():
-        md = ["# keel pipeline run", "", "| stage | status | command s | task s |", "|---|---|---:|---:|"]
-        md += [f"| {s['stage']} | {s['status']}{' (forced)' if s.get('forced') else ''} | {s['command_seconds']} | "
-               f"{s.get('task_seconds', '-')} |" for s in result["stages"]]
-        md += ["", f"- overrides: {result['overrides'] or 'none'}",
-               f"- dvc.lock sha256: `{result['dvc_lock']['sha256']}`",
-               f"- push: {result['push']}", "", "| stage | output | md5 |", "|---|---|---|"]
-        md += [f"| {st} | {path} | `{md5}` |" for st, outs in result["dvc_lock"]["stages"].items()
-               for path, md5 in outs.items()]
-        create_markdown_artifact("\n".join(md), key="keel-run", description="stages, overrides, data version")
-
-    for name, fn in (("keel-data-audit", audit), ("keel-leakage", leakage), ("keel-validation", validation),
-                     ("keel-training", training), ("keel-test-metrics", test_metrics), ("keel-model", model),
-                     ("keel-run", run_summary)):
-        _artifact(log, name, fn)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the flow
+REGISTER_FIELDS = ("status", "model_name", "version", "aliases", "model_uri", "version_uri", "tracking_uri", "run_id")
+
+
+def _forced_stages(stages: list[str], force: bool | list[str]) -> set[str]:
+    forced = set(stages) if force is True else set(force or [])
+    unknown = sorted(forced - set(stages))
+    if unknown:
+        raise FlowError(f"force: unknown stage(s) {unknown}; the stages are {stages}")
+    return forced
+
+
+def _check_nodes(nnodes: int, rdzv_endpoint: str | None) -> None:
+    if nnodes < 1:
+        raise FlowError(f"nnodes must be >= 1 (got {nnodes})")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise FlowError("nnodes > 1 needs rdzv_endpoint (host:port of the c10d rendezvous, reachable by every node)")
+
+
+def _run_stages(root: Path, stages: list[str], forced: set[str], params, io_opts: dict[str, Any],
+                train_multinode: Callable[[bool], dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Every stage in the DAG's order, one task each; ``train_multinode(force)`` (nnodes > 1) runs train."""
+    # One `dvc status` for the DAG: a stage it reports unchanged, with nothing upstream run in this flow, is what
+    # `dvc repro -s` would skip, so its task skips it without another DVC start-up. From the first stage that
+    # runs on, every later stage goes through `dvc repro -s` (what changed is then DVC's to decide).
+    changed = None if forced >= set(stages) else changed_stages(root, subprocess_env(root))
+    upstream_ran = False
+    results: list[dict[str, Any]] = []
+    for stage in stages:
+        t0 = time.perf_counter()
+        up_to_date = changed is not None and stage not in changed and not upstream_ran
+        if stage == "train" and train_multinode is not None:
+            res = train_multinode(stage in forced)
+        else:
+            runner = run_stage.with_options(**io_opts) if is_io_bound(stage, params) else run_stage
+            res = runner(stage, str(root), stage in forced, up_to_date)
+        res["task_seconds"] = round(time.perf_counter() - t0, 3)
+        results.append(res)
+        upstream_ran = upstream_ran or res["status"] != "skipped"
+    return results
+
+
+def _push(root: Path, push: bool, remote: str | None, io_opts: dict[str, Any], log) -> dict[str, Any]:
+    if push:
+        return dvc_push.with_options(**io_opts)(str(root), remote)
+    log.info("dvc push skipped (push=False / --no-push)")
+    return {"pushed": False, "remote": None, "detail": "disabled"}
 
 
 @flow(name=FLOW_NAME, persist_result=True, result_serializer="json", validate_parameters=True)
@@ -668,59 +157,29 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
     nnodes / rdzv_endpoint / rdzv_id / rdzv_is_host: multi-node training (c10d rendezvous); io_retries: retries
     of the IO-bound steps; project_dir: the keel checkout (default: the working directory).
     """
-    from tasks.core.config import load_params
-
     log = get_run_logger()
     t_flow = time.perf_counter()
     root = project_root(project_dir)
     use_checkout(root)
     stages = stage_names(root)
-    forced = set(stages) if force is True else set(force or [])
-    unknown = sorted(forced - set(stages))
-    if unknown:
-        raise FlowError(f"force: unknown stage(s) {unknown}; the stages are {stages}")
-    if nnodes < 1:
-        raise FlowError(f"nnodes must be >= 1 (got {nnodes})")
-    if nnodes > 1 and not rdzv_endpoint:
-        raise FlowError("nnodes > 1 needs rdzv_endpoint (host:port of the c10d rendezvous, reachable by every node)")
+    forced = _forced_stages(stages, force)
+    _check_nodes(nnodes, rdzv_endpoint)
     applied = apply_overrides(root, overrides)
     if applied:
         log.info(f"params.yaml overrides applied: {applied}")
-    params = load_params(root / PARAMS_FILE)  # validated again: params.yaml as the stages will read it
-    backoff = exponential_backoff(backoff_factor=IO_RETRY_BACKOFF_S)
-    io_opts = {"retries": io_retries, "retry_delay_seconds": backoff, "retry_jitter_factor": 0.5,
-               "retry_condition_fn": _retry_if_transient}
+    params = load_params(root)  # validated again: params.yaml as the stages will read it
+    io_opts = io_options(io_retries)
 
-    env = subprocess_env(root)
-    # One `dvc status` for the DAG: a stage it reports unchanged, with nothing upstream run in this flow, is what
-    # `dvc repro -s` would skip, so its task skips it without another DVC start-up. From the first stage that
-    # runs on, every later stage goes through `dvc repro -s` (what changed is then DVC's to decide).
-    changed = None if forced >= set(stages) else changed_stages(root, env)
-    upstream_ran = False
-    results: list[dict[str, Any]] = []
-    for stage in stages:
-        t0 = time.perf_counter()
-        up_to_date = changed is not None and stage not in changed and not upstream_ran
-        if stage == "train" and nnodes > 1:
-            res = run_train_multinode(str(root), nnodes, rdzv_endpoint, rdzv_id, rdzv_is_host, stage in forced)
-        else:
-            io_bound = stage == "register" or (stage == "ingest" and params.ingest.source.startswith("s3://"))
-            runner = run_stage.with_options(**io_opts) if io_bound else run_stage
-            res = runner(stage, str(root), stage in forced, up_to_date)
-        res["task_seconds"] = round(time.perf_counter() - t0, 3)
-        results.append(res)
-        upstream_ran = upstream_ran or res["status"] != "skipped"
+    def train_multinode(force_train: bool) -> dict[str, Any]:
+        return run_train_multinode(str(root), nnodes, rdzv_endpoint, rdzv_id, rdzv_is_host, force_train)
+
+    results = _run_stages(root, stages, forced, params, io_opts, train_multinode if nnodes > 1 else None)
 
     result: dict[str, Any] = {"project": str(root), "stages": results, "overrides": applied,
-                              "dvc_lock": lock_summary(root), "metrics": metrics_show(root, env)}
-    reg = _read_json(root / params.paths.register_report) or {}
-    result["register"] = {k: reg.get(k) for k in ("status", "model_name", "version", "aliases", "model_uri",
-                                                  "version_uri", "tracking_uri", "run_id")}
-    if push:
-        result["push"] = dvc_push.with_options(**io_opts)(str(root), remote)
-    else:
-        log.info("dvc push skipped (push=False / --no-push)")
-        result["push"] = {"pushed": False, "remote": None, "detail": "disabled"}
+                              "dvc_lock": lock_summary(root), "metrics": metrics_show(root, subprocess_env(root))}
+    reg = read_json(root / params.paths.register_report) or {}
+    result["register"] = {k: reg.get(k) for k in REGISTER_FIELDS}
+    result["push"] = _push(root, push, remote, io_opts, log)
     result["seconds"] = round(time.perf_counter() - t_flow, 3)
     publish_artifacts(root, params.paths, result)
     ran = [s["stage"] for s in results if s["status"] == "ran"]
@@ -731,24 +190,6 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
 
 # ---------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def join_train(nnodes: int, rdzv_endpoint: str, rdzv_id: str, project_dir: str | None = None,
-               rdzv_is_host: bool | None = None, wait_s: float = 0.0) -> int:
-    """A non-flow node of a multi-node training: the same torchrun line, no DVC (the flow's node commits).
-    ``wait_s`` > 0: first wait that long at most for the rendezvous endpoint to accept connections (the
-    project is read after that: on the cluster the flow's pod prepares the shared workspace before its train)."""
-    _split_endpoint(rdzv_endpoint)
-    if wait_s > 0:
-        wait_for_endpoint(rdzv_endpoint, wait_s)
-    root = project_root(project_dir)
-    use_checkout(root)
-    from tasks.core.config import load_params  # the project's own (after use_checkout)
-
-    cmd = torchrun_command(load_params(root / PARAMS_FILE).train.devices, nnodes, rdzv_endpoint, rdzv_id,
-                           rdzv_is_host, local_addr=local_addr())
-    print(" ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=root, env=subprocess_env(root), check=False).returncode
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,7 +30,9 @@ import psutil
 import pytest
 import yaml
 
+from flows import dvc_run, multinode, overrides, project, stages
 from flows import pipeline as fp
+from flows.errors import FlowError, StageFailed
 from tests.e2e.test_pipeline import REPO, STAGES, _env, clone_repo, sh
 from tests.support.mlflow_server import free_port, group_alive
 from tests.support.procs import http_ok, log_tail
@@ -45,26 +47,26 @@ BUCKET = "keel-flows"
 
 
 def test_stage_list_is_dvc_yaml():
-    assert fp.stage_names(REPO) == list(STAGES)
-    assert list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == fp.stage_names(REPO)
+    assert project.stage_names(REPO) == list(STAGES)
+    assert list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]) == project.stage_names(REPO)
 
 
 def test_torchrun_command_for_several_nodes():
-    cmd = fp.torchrun_command(4, 2, "node0.example:29400", "keel-42", is_host=True)
+    cmd = multinode.torchrun_command(4, 2, "node0.example:29400", "keel-42", is_host=True)
     assert Path(cmd[0]).name == "torchrun"
     assert cmd[1:] == ["--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
                        "--rdzv_endpoint=node0.example:29400", "--rdzv_id=keel-42", "--rdzv_conf=is_host=1",
-                       f"--max_restarts={fp.MULTINODE_MAX_RESTARTS}", "-m", "tasks.cli", "train"]
-    assert not any(a.startswith("--rdzv_conf") for a in fp.torchrun_command(1, 3, "h:1", "x"))
-    assert "--standalone" not in fp.torchrun_command(1, 3, "h:1", "x")
-    with pytest.raises(fp.FlowError, match="nnodes >= 2"):
-        fp.torchrun_command(1, 1, "h:1", "x")
-    with pytest.raises(fp.FlowError, match="host:port"):
-        fp.torchrun_command(1, 2, "nohostport", "x")
-    with pytest.raises(fp.FlowError, match="host:port"):
-        fp.torchrun_command(1, 2, "host:notaport", "x")
+                       f"--max_restarts={multinode.MULTINODE_MAX_RESTARTS}", "-m", "tasks.cli", "train"]
+    assert not any(a.startswith("--rdzv_conf") for a in multinode.torchrun_command(1, 3, "h:1", "x"))
+    assert "--standalone" not in multinode.torchrun_command(1, 3, "h:1", "x")
+    with pytest.raises(FlowError, match="nnodes >= 2"):
+        multinode.torchrun_command(1, 1, "h:1", "x")
+    with pytest.raises(FlowError, match="host:port"):
+        multinode.torchrun_command(1, 2, "nohostport", "x")
+    with pytest.raises(FlowError, match="host:port"):
+        multinode.torchrun_command(1, 2, "host:notaport", "x")
     # this node's address, as the others reach it (the pod IP on the cluster: KEEL_LOCAL_ADDR)
-    cmd = fp.torchrun_command(8, 2, "svc.ns:29400", "r", is_host=False, local_addr="10.1.2.3")
+    cmd = multinode.torchrun_command(8, 2, "svc.ns:29400", "r", is_host=False, local_addr="10.1.2.3")
     assert cmd[cmd.index("--rdzv_conf=is_host=0") + 1] == "--local_addr=10.1.2.3"
 
 
@@ -94,14 +96,14 @@ def test_join_train_wait_reports_progress_then_returns_when_the_endpoint_opens(c
         endpoint = f"127.0.0.1:{server.getsockname()[1]}"
         opener = threading.Timer(1.0, server.listen)
         opener.start()
-        waited = fp.wait_for_endpoint(endpoint, 30, poll_s=0.1, report_s=0.3)
+        waited = multinode.wait_for_endpoint(endpoint, 30, poll_s=0.1, report_s=0.3)
         opener.join()
     assert waited > 0.9  # returned once the port opened, not before (the 30 s limit would have raised)
     out = capsys.readouterr().out
     assert out.count(f"join-train: waiting for the rendezvous at {endpoint} (") >= 2, out
     assert f"join-train: rendezvous {endpoint} is up" in out
-    with pytest.raises(fp.FlowError, match=r"unknown-host\.invalid resolves from this node"):
-        fp.wait_for_endpoint("unknown-host.invalid:29400", 0.3, poll_s=0.1)
+    with pytest.raises(FlowError, match=r"unknown-host\.invalid resolves from this node"):
+        multinode.wait_for_endpoint("unknown-host.invalid:29400", 0.3, poll_s=0.1)
 
 
 def test_multinode_train_task_skips_or_launches_then_commits(tmp_path, monkeypatch):
@@ -119,42 +121,42 @@ def test_multinode_train_task_skips_or_launches_then_commits(tmp_path, monkeypat
         calls.append(cmd)
         return 0, "", ""
 
-    monkeypatch.setattr(fp, "_quiet", quiet)
-    monkeypatch.setattr(fp, "run_logged", logged)
-    monkeypatch.setattr(fp, "get_run_logger", lambda: logging.getLogger("test"))
-    monkeypatch.delenv(fp.LOCAL_ADDR_ENV, raising=False)
-    res = fp.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid")
-    assert res["status"] == "skipped" and calls == [fp.dvc("status", "train", "--json")]
+    monkeypatch.setattr(stages, "run_quiet", quiet)
+    monkeypatch.setattr(stages, "run_logged", logged)
+    monkeypatch.setattr(stages, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.delenv(multinode.LOCAL_ADDR_ENV, raising=False)
+    res = stages.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid")
+    assert res["status"] == "skipped" and calls == [dvc_run.dvc("status", "train", "--json")]
     calls.clear()
     status["out"] = json.dumps({"train": [{"changed deps": {"data/shards": "modified"}}]})
-    res = fp.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid", rdzv_is_host=False)
+    res = stages.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid", rdzv_is_host=False)
     assert res["status"] == "ran"
-    assert calls[1] == fp.torchrun_command(1, 2, "h0:29400", "rid", False)  # train.devices: 1 in params.yaml
-    assert calls[2] == fp.dvc("commit", "--force", "train")
+    assert calls[1] == multinode.torchrun_command(1, 2, "h0:29400", "rid", False)  # train.devices: 1 in params.yaml
+    assert calls[2] == dvc_run.dvc("commit", "--force", "train")
     calls.clear()
-    monkeypatch.setenv(fp.LOCAL_ADDR_ENV, "10.0.0.7")   # the flow-run pod's IP (base job template)
-    fp.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid", rdzv_is_host=True)
-    assert calls[1] == fp.torchrun_command(1, 2, "h0:29400", "rid", True, local_addr="10.0.0.7")
+    monkeypatch.setenv(multinode.LOCAL_ADDR_ENV, "10.0.0.7")   # the flow-run pod's IP (base job template)
+    stages.run_train_multinode.fn(str(tmp_path), 2, "h0:29400", "rid", rdzv_is_host=True)
+    assert calls[1] == multinode.torchrun_command(1, 2, "h0:29400", "rid", True, local_addr="10.0.0.7")
 
 
 def test_overrides_are_validated_before_params_yaml_changes(tmp_path):
     for f in ("dvc.yaml", "params.yaml"):
         (tmp_path / f).write_bytes((REPO / f).read_bytes())
     before = (tmp_path / "params.yaml").read_bytes()
-    with pytest.raises(fp.OverrideError, match=r"unknown parameter train\.lrr .*did you mean train\.lr\?"):
-        fp.apply_overrides(tmp_path, ["train.lrr=1"])
-    with pytest.raises(fp.OverrideError, match=r"train\.max_steps is not in params\.yaml.*\+train\.max_steps=5"):
-        fp.apply_overrides(tmp_path, ["train.max_steps=5"])
-    with pytest.raises(fp.OverrideError, match=r"train\.lr: Input should be greater than 0"):
-        fp.apply_overrides(tmp_path, ["train.epochs=3", "train.lr=-1"])
-    with pytest.raises(fp.OverrideError, match=r"train\.bogus: unknown key"):
-        fp.apply_overrides(tmp_path, ["+train.bogus=1"])
-    with pytest.raises(fp.OverrideError, match="KEY=VALUE"):
-        fp.apply_overrides(tmp_path, ["train.lr"])
+    with pytest.raises(overrides.OverrideError, match=r"unknown parameter train\.lrr .*did you mean train\.lr\?"):
+        overrides.apply_overrides(tmp_path, ["train.lrr=1"])
+    with pytest.raises(overrides.OverrideError, match=r"train\.max_steps is not in params\.yaml.*\+train\.max_steps=5"):
+        overrides.apply_overrides(tmp_path, ["train.max_steps=5"])
+    with pytest.raises(overrides.OverrideError, match=r"train\.lr: Input should be greater than 0"):
+        overrides.apply_overrides(tmp_path, ["train.epochs=3", "train.lr=-1"])
+    with pytest.raises(overrides.OverrideError, match=r"train\.bogus: unknown key"):
+        overrides.apply_overrides(tmp_path, ["+train.bogus=1"])
+    with pytest.raises(overrides.OverrideError, match="KEY=VALUE"):
+        overrides.apply_overrides(tmp_path, ["train.lr"])
     assert (tmp_path / "params.yaml").read_bytes() == before  # nothing written by a refused override
-    assert fp.apply_overrides(tmp_path, ["params.yaml:train.lr=0.002"], write=False) == {"train.lr": 0.002}
+    assert overrides.apply_overrides(tmp_path, ["params.yaml:train.lr=0.002"], write=False) == {"train.lr": 0.002}
     assert (tmp_path / "params.yaml").read_bytes() == before
-    got = fp.apply_overrides(tmp_path, ["train.lr=0.002", "shard.resolution=16", "+train.max_steps=7"])
+    got = overrides.apply_overrides(tmp_path, ["train.lr=0.002", "shard.resolution=16", "+train.max_steps=7"])
     assert got == {"train.lr": 0.002, "shard.resolution": 16, "train.max_steps": 7}
     text = (tmp_path / "params.yaml").read_text()
     assert "lr: 0.002" in text and "# at reference_batch 256" in text  # comments kept, as dvc exp run -S does
@@ -169,10 +171,10 @@ def test_error_detail_is_the_stages_own_message():
               "Traceback (most recent call last):\n  File \"x\", line 1\n"
               "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
               "ERROR: failed to reproduce 'train': failed to run: torchrun ..., exited with 1\n")
-    assert fp.error_detail(stderr) == ("keel train: error: unknown timm model 'resnet99'\n"
+    assert dvc_run.error_detail(stderr) == ("keel train: error: unknown timm model 'resnet99'\n"
                                        "  known models like it: resnet50, resnet101")
-    assert fp.error_detail("a\n\nb\nERROR: failed to reproduce 'x'\n").splitlines()[-1].startswith("ERROR:")
-    e = fp.StageFailed("evaluate", 1, "keel evaluate: error: boom", transient=False)
+    assert dvc_run.error_detail("a\n\nb\nERROR: failed to reproduce 'x'\n").splitlines()[-1].startswith("ERROR:")
+    e = StageFailed("evaluate", 1, "keel evaluate: error: boom", transient=False)
     assert str(e) == "stage 'evaluate' failed (exit 1): keel evaluate: error: boom"
     import pickle
 
@@ -184,24 +186,51 @@ def test_retries_only_on_transient_io_failures():
         def __init__(self, data):
             self.data = data
 
-    transient = fp.StageFailed("register", 1, "connection refused", transient=True)
-    assert fp._retry_if_transient(None, None, S(transient))
-    assert not fp._retry_if_transient(None, None, S(fp.StageFailed("ingest", 1, "keel ingest: error: no such bucket")))
-    assert fp._TRANSIENT.search("botocore.exceptions.EndpointConnectionError: Could not connect")
-    assert fp._TRANSIENT.search("botocore: An error occurred (503) when calling GetObject: Slow Down")
-    assert fp._TRANSIENT.search("HTTP 503 Service Unavailable") and fp._TRANSIENT.search("status code: 429")
-    assert not fp._TRANSIENT.search("keel validate: error: validation failed; val loss 0.500 after 500 steps")
+    transient = StageFailed("register", 1, "connection refused", transient=True)
+    assert stages.retry_if_transient(None, None, S(transient))
+    assert not stages.retry_if_transient(None, None, S(StageFailed("ingest", 1, "keel ingest: error: no such bucket")))
+    assert dvc_run.looks_transient("botocore.exceptions.EndpointConnectionError: Could not connect")
+    assert dvc_run.looks_transient("botocore: An error occurred (503) when calling GetObject: Slow Down")
+    assert dvc_run.looks_transient("HTTP 503 Service Unavailable") and dvc_run.looks_transient("status code: 429")
+    assert not dvc_run.looks_transient("keel validate: error: validation failed; val loss 0.500 after 500 steps")
+    # a failed `dvc repro`: the command's own exit code (DVC's is 255), transient only from stderr's tail
+    err = "x" * 5000 + "\nERROR: failed to reproduce 'ingest': failed to run: keel ingest, exited with 3\n"
+    e = dvc_run.repro_failed("ingest", 255, "", "connection refused\n" + err)
+    assert (e.returncode, e.transient) == (3, False)
+    assert dvc_run.repro_failed("ingest", 255, "", err + "botocore: ReadTimeoutError: timed out\n").transient
+
+
+def test_artifacts_each_on_its_own(tmp_path, monkeypatch, caplog):
+    """A missing report costs its artifact only (a warning naming the file); the others are still published."""
+    from flows import artifacts
+    from tasks.core.config import Paths
+
+    made: dict[str, object] = {}
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda md, key, description: made.update({key: md}))
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda rows, key, description: made.update({key: rows}))
+    monkeypatch.setattr(artifacts, "get_run_logger", lambda: logging.getLogger("test"))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/test.json").write_text(json.dumps({"accuracy": 0.98765, "n": 360}))
+    result = {"stages": [{"stage": "ingest", "status": "ran", "command_seconds": 1.0}], "overrides": {},
+              "dvc_lock": {"sha256": "ab", "stages": {"ingest": {"data/raw": "cd"}}}, "push": {"pushed": False}}
+    with caplog.at_level(logging.WARNING, logger="test"):
+        artifacts.publish_artifacts(tmp_path, Paths(), result)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert set(made) == {"keel-test-metrics", "keel-run"}
+    assert made["keel-test-metrics"] == [{"metric": "accuracy", "value": "0.9877"}, {"metric": "n", "value": "360"}]
+    assert "| ingest | ran | 1.0 | - |" in made["keel-run"] and "| ingest | data/raw | `cd` |" in made["keel-run"]
+    assert len(warnings) == 5 and "artifact keel-model: not published (FileNotFoundError: reports/register.json)" in warnings
 
 
 def test_push_remote_from_keel_dvc_remote_url(tmp_path, monkeypatch):
     sh("git init -q && dvc init -q", tmp_path)
-    env = fp.subprocess_env(tmp_path)
+    env = project.subprocess_env(tmp_path)
     monkeypatch.delenv("KEEL_DVC_REMOTE_URL", raising=False)
-    assert fp.resolve_remote(tmp_path, env, None) is None  # nothing configured: push is skipped
-    assert fp.resolve_remote(tmp_path, env, "mine") == "mine"
+    assert dvc_run.resolve_remote(tmp_path, env, None) is None  # nothing configured: push is skipped
+    assert dvc_run.resolve_remote(tmp_path, env, "mine") == "mine"
     monkeypatch.setenv("KEEL_DVC_REMOTE_URL", "s3://bucket/cache")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert fp.resolve_remote(tmp_path, env, None) == fp.ENV_REMOTE
+    assert dvc_run.resolve_remote(tmp_path, env, None) == dvc_run.ENV_REMOTE
     local = (tmp_path / ".dvc/config.local").read_text()
     assert "url = s3://bucket/cache" in local and "endpointurl = http://127.0.0.1:9" in local
     assert "keel-env" not in (tmp_path / ".dvc/config").read_text()  # never in the committed config
