@@ -34,9 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core import io, lineage, tracking
-from tasks.core.config import ConfigError, Paths, ReproduceConfig, TrainConfig, load_params
-from tasks.core.io import DataError
+from tasks.core import io, lineage, text, tracking
+from tasks.core.config import Paths, ReproduceConfig, TrainConfig, load_params
+from tasks.core.errors import ConfigError, DataError
 
 TAG = "keel."
 REQUIRED_TAGS = ("git_sha", "model_sha256", "training_run_id", "manifest_sha256", "shard_index_sha256")
@@ -304,23 +304,18 @@ def _at(root: Path, p: str) -> Path:
 # ---------------------------------------------------------------- outputs
 def format_table(report: dict) -> str:
     w, v = report["weights"], report["val"]
+    within = "within" if v["within_tolerance"] else "OUTSIDE"
     rows = [("check", "registered", "retrained", "result"),
             ("weights (model_sha256)", w["registered_model_sha256"][:12], w["retrained_model_sha256"][:12],
              "identical" if w["bitwise_identical"] else
              f"DIFFERENT (max |dw| {w.get('max_abs_weight_delta')}, {w.get('tensors_differing')} tensors)"),
-            ("val accuracy", _fmt(v["registered_val_accuracy"]), _fmt(v["retrained_val_accuracy"]),
-             f"delta {_fmt(v['delta'])} ({'within' if v['within_tolerance'] else 'OUTSIDE'} ±{v['tolerance']:g})"),
+            ("val accuracy", text.fmt(v["registered_val_accuracy"]), text.fmt(v["retrained_val_accuracy"]),
+             f"delta {text.fmt(v['delta'])} ({within} ±{v['tolerance']:g})"),
             ("test metrics", "", "", report["test"].get("status", "")
              + (f": {report['test']['metrics']}" if report["test"].get("metrics") else ""))]
-    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
-    lines = [(f"reproduce {report['model']} (commit {report['git_sha'][:12]}, run {report['training_run_id']}): "
-             f"reproduced: {report['reproduced']}")]
-    lines += [f"  {a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows]
-    return "\n".join(lines)
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+    head = (f"reproduce {report['model']} (commit {report['git_sha'][:12]}, run {report['training_run_id']}): "
+            f"reproduced: {report['reproduced']}")
+    return "\n".join([head, *text.table(rows)])
 
 
 def report_paths(root: Path, paths: Paths) -> tuple[Path, Path]:

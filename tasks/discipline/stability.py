@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.core import io
+from tasks.core import io, text
 from tasks.core.config import Params, Paths, TrainConfig
+from tasks.core.errors import DataError
 
 
-class StabilityError(io.DataError):
+class StabilityError(DataError):
     """A problem the user can act on (no shards, a registered model that cannot be found)."""
 
 
@@ -151,10 +152,10 @@ def run(params: Params, *, root: str | Path = ".", tracking_uri: str | None = No
 
 
 def format_table(report: StabilityReport) -> str:
-    lines = [f"{'run':<10} {'seed':>5} {'batch':>5} {'lr':>9} {'best val':>9} {'max dip':>8} {'seconds':>8}"]
-    for r in report.runs:
-        lines.append(f"{r.name:<10} {r.seed:>5} {r.batch_size:>5} {r.lr:>9.3g} {r.best_val_accuracy:>9.4f} "
-                     f"{r.largest_val_dip:>8.4f} {r.seconds:>8.1f}")
+    rows = [("run", "seed", "batch", "lr", "best val", "max dip", "seconds")]
+    rows += [(r.name, r.seed, r.batch_size, text.fmt(r.lr, ".3g"), text.fmt(r.best_val_accuracy),
+              text.fmt(r.largest_val_dip), text.fmt(r.seconds, ".1f")) for r in report.runs]
+    lines = text.table(rows, indent="")
     lines.append(f"reseeds: mean {report.reseed_mean:.4f} std {report.reseed_std:.4f}; variants vs mean: "
                  + ", ".join(f"{k} {v:+.4f}" for k, v in report.variant_deltas.items()))
     lines.append(f"verdict: {report.verdict.upper()}" + "".join(f"\n  - {r}" for r in report.reasons))
@@ -164,11 +165,7 @@ def format_table(report: StabilityReport) -> str:
 
 
 def _plot(path: Path, report: StabilityReport) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = text.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r.name for r in report.runs]
     vals = [r.best_val_accuracy for r in report.runs]
@@ -189,9 +186,7 @@ def _plot(path: Path, report: StabilityReport) -> None:
     b.legend(fontsize=7)
     b.set_title("validation curves (near-monotonic?)")
     fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    text.save_png(path, fig, dpi=110)
 
 
 def _tag(params: Params, report: StabilityReport, out_dir: Path, root: str | Path,

@@ -17,6 +17,7 @@ from tasks import cli
 from tasks.core import io
 from tasks.core.config import ConfigError, Params, PreflightConfig, TrainConfig, load_params
 from tasks.discipline import preflight
+from tasks.discipline.preflight import checks_data, checks_model, checks_run, context
 from tasks.model import build as tmodel
 
 CFG = TrainConfig(model="resnet10t", batch_size=32)
@@ -106,9 +107,10 @@ def test_never_reads_the_test_split(digits_pipeline, tmp_path, monkeypatch):
         orig(self, shards_dir, split, **kw)
 
     monkeypatch.setattr(io.ShardReader, "__init__", spy)
-    monkeypatch.setattr(preflight, "_initial_loss", lambda ctx: preflight.CheckItem("initial_loss", "skip", {}, ""))
-    monkeypatch.setattr(preflight, "_overfit", lambda ctx, s, n: preflight.CheckItem("overfit", "skip", {}, ""))
-    monkeypatch.setattr(preflight, "_pipeline_vs_step", lambda ctx: preflight.CheckItem("speed", "skip", {}, ""))
+    skip = preflight.CheckItem
+    monkeypatch.setattr(checks_model, "initial_loss", lambda ctx: skip("initial_loss", "skip", {}, ""))
+    monkeypatch.setattr(checks_model, "overfit_tiny_subset", lambda ctx, s, n: skip("overfit", "skip", {}, ""))
+    monkeypatch.setattr(checks_model, "input_pipeline_vs_step", lambda ctx: skip("speed", "skip", {}, ""))
     preflight.run(CFG, pf_paths(p, tmp_path))
     assert opened == ["train"]
     with pytest.raises(io.TestSplitAccessError):
@@ -172,45 +174,45 @@ def test_checklist_passes_on_digits_with_evidence(full):
 def test_dirty_tree_fails_reproducibility_naming_files(tmp_path):
     repo = git_repo(tmp_path / "repo")
     (repo / "train.py").write_text("print('v2')\n")
-    item = preflight._reproducibility_item(TrainConfig(), False, repo, None)
+    item = checks_run.reproducibility(TrainConfig(), False, repo, None)
     assert item.status == "fail" and item.evidence["dirty_files"] == ["train.py"]
     assert "uncommitted changes to train.py" in item.what_to_do and "commit" in item.what_to_do
     assert "preflight.allow_dirty" in item.what_to_do
-    allowed = preflight._reproducibility_item(TrainConfig(), True, repo, None)
+    allowed = checks_run.reproducibility(TrainConfig(), True, repo, None)
     assert allowed.status == "pass" and "allow_dirty" in allowed.what_to_do
-    assert preflight._reproducibility_item(TrainConfig(deterministic=False), True, repo, None).status == "fail"
+    assert checks_run.reproducibility(TrainConfig(deterministic=False), True, repo, None).status == "fail"
 
 
 def test_missing_or_altered_manifest_fails_splits(digits_pipeline, tmp_path):
     p, *_ = digits_pipeline
-    item = preflight._splits_item(p.model_copy(update={"split_manifest": str(tmp_path / "nope.parquet")}))
+    item = checks_data.splits_frozen(p.model_copy(update={"split_manifest": str(tmp_path / "nope.parquet")}))
     assert item.status == "fail" and "keel split" in item.what_to_do and item.evidence["manifest_exists"] is False
     m = tmp_path / "manifest.parquet"
     shutil.copy(p.split_manifest, m)
     (tmp_path / "manifest.parquet.sha256").write_text("0" * 64 + "  manifest.parquet\n")
-    item = preflight._splits_item(p.model_copy(update={"split_manifest": str(m)}))
+    item = checks_data.splits_frozen(p.model_copy(update={"split_manifest": str(m)}))
     assert item.status == "fail" and "does not match its recorded hash" in item.what_to_do
 
 
 def test_large_batch_without_warmup_fails_schedule():
-    item = preflight._schedule_item(TrainConfig(batch_size=128, effective_batch=4096, warmup_steps=0))
+    item = checks_run.batch_lr_schedule(TrainConfig(batch_size=128, effective_batch=4096, warmup_steps=0))
     assert item.status == "fail"
     assert item.evidence["scaled_lr"] == pytest.approx(2e-3 * 4096 / 256) and item.evidence["accumulation"] == 32
     assert "effective batch 4096" in item.what_to_do and "warmup_steps" in item.what_to_do
-    floor = preflight._schedule_item(TrainConfig(lr_floor=0.0))
+    floor = checks_run.batch_lr_schedule(TrainConfig(lr_floor=0.0))
     assert floor.status == "fail" and "lr_floor" in floor.what_to_do
-    assert preflight._schedule_item(TrainConfig(batch_size=128, effective_batch=4096, warmup_steps=500)).status == \
+    assert checks_run.batch_lr_schedule(TrainConfig(batch_size=128, effective_batch=4096, warmup_steps=500)).status == \
         "pass"
 
 
 def test_distributed_item(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert preflight._distributed_item(TrainConfig()).status == "skip"
-    item = preflight._distributed_item(TrainConfig(devices=2, device="cpu", batch_size=32, effective_batch=128))
+    assert checks_run.distributed(TrainConfig()).status == "skip"
+    item = checks_run.distributed(TrainConfig(devices=2, device="cpu", batch_size=32, effective_batch=128))
     assert item.status == "pass" and item.evidence["backend"] == "gloo" and item.evidence["world_size"] == 2
     assert item.evidence["accumulation"] == 2
     monkeypatch.setenv("WORLD_SIZE", "6")  # three nodes of two: 128 is not a multiple of 32 x 6
-    item = preflight._distributed_item(TrainConfig(devices=2, device="cpu", batch_size=32, effective_batch=128))
+    item = checks_run.distributed(TrainConfig(devices=2, device="cpu", batch_size=32, effective_batch=128))
     assert item.status == "fail" and "not a multiple" in item.what_to_do
 
 
@@ -219,15 +221,15 @@ def test_pretrained_weights_checked_against_fresh_init(digits_pipeline, tmp_path
     other, _ = tmodel.build_model(TrainConfig(model="resnet10t"), 10, 3, 32)  # a different init = "pretrained"
     torch.save({"model": other.state_dict()}, tmp_path / "init.pt")
     cfg = TrainConfig(model="resnet10t", batch_size=32, pretrained="checkpoint", init_checkpoint=str(tmp_path / "init.pt"))
-    _, ctx = preflight._prepare(cfg, pf_paths(p, tmp_path), 0.7, 0.95)
-    item = preflight._pretrained_item(ctx)
+    _, ctx = context.prepare(cfg, pf_paths(p, tmp_path), 0.7, 0.95)
+    item = checks_model.pretrained_weights(ctx)
     assert item.status == "pass" and item.evidence["tensors_changed_vs_fresh_init"] > 0
     # a "pretrained" file that is exactly the fresh init changes nothing: fail
     fresh = ctx.fresh_model(cfg.model_copy(update={"pretrained": "none", "init_checkpoint": None}))
     torch.save({"model": fresh.state_dict()}, tmp_path / "same.pt")
-    _, ctx = preflight._prepare(cfg.model_copy(update={"init_checkpoint": str(tmp_path / "same.pt")}),
+    _, ctx = context.prepare(cfg.model_copy(update={"init_checkpoint": str(tmp_path / "same.pt")}),
                                 pf_paths(p, tmp_path), 0.7, 0.95)
-    item = preflight._pretrained_item(ctx)
+    item = checks_model.pretrained_weights(ctx)
     assert item.status == "fail" and "not loaded" in item.what_to_do
 
 
