@@ -23,15 +23,21 @@ def fmt(v: Any, spec: str = ".4f", none: str = "-") -> str:
     return str(v)
 
 
-def table(rows: Sequence[Sequence[Any]], indent: str = "  ", gap: str = "  ", ragged_last: bool = True) -> list[str]:
-    """Rows (the first is the header) as left-aligned lines; the last column is not padded when ``ragged_last``
-    (it is often a long free-text 'what to do')."""
+def table(rows: Sequence[Sequence[Any]], indent: str = "  ", gap: str = "  ", ragged_last: bool = True,
+          align: str = "") -> list[str]:
+    """Rows (the first is the header) as aligned lines. ``align`` gives one character per column, ``<`` (the
+    default) or ``>`` (numbers read better right-aligned); the last column is not padded when ``ragged_last`` and
+    left-aligned (it is often a long free-text 'what to do')."""
     cells = [[str(c) for c in r] for r in rows]
     ncols = max(len(r) for r in cells)
-    pad = ncols - 1 if ragged_last else ncols
     widths = [max((len(r[i]) for r in cells if i < len(r)), default=0) for i in range(ncols)]
-    return [indent + gap.join(c.ljust(widths[i]) if i < pad else c for i, c in enumerate(r)).rstrip()
-            for r in cells]
+
+    def cell(i: int, c: str) -> str:
+        if i < len(align) and align[i] == ">":
+            return c.rjust(widths[i])
+        return c if (ragged_last and i == ncols - 1) else c.ljust(widths[i])
+
+    return [indent + gap.join(cell(i, c) for i, c in enumerate(r)).rstrip() for r in cells]
 
 
 def save_png(path: str | Path, fig, dpi: int = 100, **savefig) -> None:

@@ -155,7 +155,7 @@ def format_table(report: StabilityReport) -> str:
     rows = [("run", "seed", "batch", "lr", "best val", "max dip", "seconds")]
     rows += [(r.name, r.seed, r.batch_size, text.fmt(r.lr, ".3g"), text.fmt(r.best_val_accuracy),
               text.fmt(r.largest_val_dip), text.fmt(r.seconds, ".1f")) for r in report.runs]
-    lines = text.table(rows, indent="")
+    lines = text.table(rows, indent="", gap=" ", align="<>>>>>>")
     lines.append(f"reseeds: mean {report.reseed_mean:.4f} std {report.reseed_std:.4f}; variants vs mean: "
                  + ", ".join(f"{k} {v:+.4f}" for k, v in report.variant_deltas.items()))
     lines.append(f"verdict: {report.verdict.upper()}" + "".join(f"\n  - {r}" for r in report.reasons))
