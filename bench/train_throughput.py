@@ -186,7 +186,7 @@ def _sync(device: torch.device) -> None:
 def measure_ceiling(args, index: io.ShardIndex, device: torch.device, precision: str) -> dict:
     """K optimizer steps of the same model on one normalised batch already on the device."""
     torch.manual_seed(args.seed)
-    # the same global switches the loop's seed_everything sets (it never turns cudnn.benchmark on)
+    # the same global switches tasks.core.runtime.seed_everything sets (it never turns cudnn.benchmark on)
     torch.use_deterministic_algorithms(args.deterministic)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

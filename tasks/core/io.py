@@ -279,7 +279,6 @@ TEST_READER = "tasks.evaluate"
 included, is accepted). It is a declaration, not a lock: the contract is that only the evaluate package, which
 records every read in its test-access ledger, passes it (from whichever of its modules reads), plus tests that
 need the test rows to check evaluate's output. Stage code that passes it bypasses the ledger."""
-_TEST_READER_TOKEN = TEST_READER  # the old private name, kept for callers that still reach for it
 
 
 class ShardReader:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.core import io
+from tasks.core import io, text
 from tasks.core.config import Paths
 
 
@@ -38,17 +38,12 @@ def _csv(rows: list[dict], cols: list[str]) -> str:
 
 
 def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
-    import io as _io
-
     try:
-        import matplotlib
+        plt = text.pyplot()
     except ImportError:  # e.g. a GPU node with torch + timm + pyarrow only: the CSVs carry the same curves
         print("train: matplotlib not installed; skipping curves.png (steps.csv/epochs.csv are written)",
               file=sys.stderr)
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(2, 2, figsize=(10, 6))
     s = [r["step"] for r in steps]
     ax[0, 0].plot(s, [r["train_loss"] for r in steps], label="train (step)")
@@ -70,8 +65,4 @@ def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
     for a in ax.ravel():
         a.set_xlabel("step")
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    with io.atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    text.save_png(path, fig, dpi=90)

@@ -53,8 +53,8 @@ def fit_to_effective(batch: int, effective_batch: int | None, world: int) -> int
 
 def probe_batch(cfg, index, device: torch.device, world: int, master: bool):
     """Replace train.batch_size by the largest per-device batch that fits (CUDA only; agreed across ranks)."""
+    from tasks.core import runtime
     from tasks.model import build as tmodel
-    from tasks.train.loop import _precision
 
     if device.type != "cuda":
         if master:
@@ -64,7 +64,7 @@ def probe_batch(cfg, index, device: torch.device, world: int, master: bool):
     model, _ = tmodel.build_model(cfg.model_copy(update={"pretrained": "none"}), len(index.classes),
                                   index.channels, index.resolution)
     model.to(device).train()
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(cfg, device))
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision(cfg.precision, device, "train.precision"))
 
     def step(b: int) -> None:
         x = torch.randn(b, index.channels, index.resolution, index.resolution, device=device)

@@ -18,6 +18,7 @@ import yaml
 
 from tasks.core import io
 from tasks.core.config import ConfigError, TrainConfig, load_params
+from tasks.core.runtime import RuntimeConfigError
 from tasks.model.build import ModelConfigError
 from tasks.train import loop
 
@@ -215,7 +216,7 @@ def test_bad_params_fail_before_any_work(digits_pipeline, tmp_path):
     with pytest.raises(loop.TrainError, match=r"train.batch_size=4096 .* larger than the train split \(\d+ items\)"):
         loop.run(TrainConfig(**{**FAST, "batch_size": 4096}), q)
     if not torch.cuda.is_available():
-        with pytest.raises(loop.TrainError, match="train.device=cuda but no CUDA device"):
+        with pytest.raises(RuntimeConfigError, match="train.device=cuda but no CUDA device"):
             loop.run(TrainConfig(**{**FAST, "device": "cuda"}), q)
     with pytest.raises(loop.TrainError, match=r"train.devices=2 but the launcher started 1 process"):
         loop.run(TrainConfig(**{**FAST, "devices": 2}), q)
@@ -378,7 +379,7 @@ def test_bf16_channels_last_and_ema_paths_run_on_cpu(digits_pipeline, tmp_path):
     assert r.steps == 4
     params = json.loads((tmp_path / "reports/events.jsonl").read_text().splitlines()[0])["params"]
     assert params["precision"] == "bf16"
-    with pytest.raises(loop.TrainError, match="fp16 needs a CUDA device"):
+    with pytest.raises(RuntimeConfigError, match="fp16 needs a CUDA device"):
         loop.run(TrainConfig(**{**FAST, "precision": "fp16", "device": "cpu"}), train_paths(p, tmp_path / "x"))
 
 
@@ -482,7 +483,7 @@ def test_whitened_stem_bias_lr_and_test_time_views_agree_across_train_evaluate_a
     res = evaluate.run(EvaluateConfig(batch_size=64), q)
     assert json.loads((tmp_path / "test.json").read_text())["test_accuracy"] == pytest.approx(res.accuracy)
     pred = pq.read_table(tmp_path / "evaluate/predictions.parquet").to_pydict()
-    x, _, ids = io.ShardReader(p.shards_dir, "test", reader_of=io._TEST_READER_TOKEN).read_all()
+    x, _, ids = io.ShardReader(p.shards_dir, "test", reader_of=io.TEST_READER).read_all()
     assert ids == pred["id"]
     clf = ImageClassifier.from_checkpoint(best, device="cpu")
     assert clf.tta == "flip_translate"

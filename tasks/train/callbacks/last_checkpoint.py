@@ -1,0 +1,64 @@
+"""last.pt: everything a resume needs (weights, optimiser, scaler, EMA, the callbacks' state, every RNG), written
+at each epoch's end and at an agreed stop; read back at the start when its ``resume_key`` (config, data versions,
+world size) matches. A killed run (SIGKILL included) resumes from it to the same bits as an uninterrupted one."""
+from __future__ import annotations
+
+import random
+import sys
+
+import numpy as np
+import torch
+
+from tasks.train.callbacks import Callback
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class LastCheckpoint(Callback):
+    name = "last_checkpoint"
+
+    def on_fit_start(self, t) -> None:
+        if t.last_path.exists():
+            self.restore(t)
+
+    def restore(self, t) -> None:
+        ck = torch.load(t.last_path, map_location=t.dist.device, weights_only=False)
+        if ck.get("resume_key") != t.resume_key:
+            if t.dist.master:
+                print(f"train: {t.last_path} is from a different config or data version; starting fresh",
+                      file=sys.stderr)
+            return
+        t.dist.load_states(t.model, t.opt, ck["model"], ck["optimizer"])
+        t.scaler.load_state_dict(ck["scaler"])
+        if t.ema is not None and ck.get("ema") is not None:
+            t.ema.load_state_dict(ck["ema"])
+        t.load_sections(ck)
+        set_rng_state(ck["rng"])
+        t.state.resumed_from = t.state.step
+
+    def save(self, t) -> None:
+        model_sd, opt_sd = t.dist.full_states(t.model, t.opt)  # every rank: FSDP gathers collectively
+        if not t.dist.master:
+            return
+        sections = t.sections()
+        t.save(t.last_path, {"model": model_sd, "optimizer": opt_sd, "scaler": t.scaler.state_dict(),
+                             "ema": t.ema.state_dict() if t.ema is not None else None,
+                             "signals": sections["signals"], "state": sections["state"], "rng": rng_state(),
+                             "resume_key": t.resume_key, "index": t.preprocessing, "run_info": t.run_info})
+
+    def on_stop(self, t, reason: str) -> None:
+        self.save(t)
+
+    def on_epoch_end(self, t, epoch: int) -> None:
+        self.save(t)
