@@ -11,6 +11,7 @@ import yaml
 from tasks.cli import RUNNERS
 from tests.contracts.imports import PROJECT, REPO, closure, module_file
 
+
 def stage_modules(stage: str, cmd: str) -> set[str]:
     m = re.search(r"(?:^keel|-m tasks\.cli) (\w+)", cmd)
     assert m, f"dvc.yaml stage {stage}: cmd {cmd!r} is not `keel <stage>`"
