@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core import io, lineage, text, tracking
+from tasks.core import checkpoint, io, lineage, text, tracking
 from tasks.core.config import Paths, ReproduceConfig, TrainConfig, load_params
 from tasks.core.errors import ConfigError, DataError
 
@@ -225,10 +225,9 @@ def _retrain(wt: Path, params_file: Path, cfg: TrainConfig, timeout_s: int) -> s
 # ---------------------------------------------------------------- comparison
 def _compare(cfg: ReproduceConfig, client, uri: str, mv, tags: dict, wt: Path, wt_paths: Paths, root: Path,
              paths: Paths, work: Path) -> dict:
-    import torch
 
     best = wt / wt_paths.models_dir / "best.pt"
-    blob = torch.load(best, map_location="cpu", weights_only=False)
+    blob = checkpoint.load(best, unpickle=True)
     new_sha = lineage.model_sha256(blob["model"], blob["model_name"])
     old_sha = tags[f"{TAG}model_sha256"]
     identical = new_sha == old_sha
@@ -258,7 +257,6 @@ def _compare(cfg: ReproduceConfig, client, uri: str, mv, tags: dict, wt: Path, w
 
 def _weight_delta(uri: str, mv, state: dict, work: Path) -> dict:
     """Largest absolute difference per tensor against the registered weights (the pyfunc's weights.pt)."""
-    import torch
 
     try:
         import mlflow.artifacts
@@ -268,7 +266,7 @@ def _weight_delta(uri: str, mv, state: dict, work: Path) -> dict:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
                                                              dst_path=str(work / "registered")))
         found = next(local.rglob("weights.pt"))
-        old = torch.load(found, map_location="cpu", weights_only=True)
+        old = checkpoint.load(found)
     except Exception as exc:  # noqa: BLE001 - the delta is extra evidence; the sha comparison is the verdict
         return {"max_abs_weight_delta": None, "weight_delta_error": f"{type(exc).__name__}: {exc}"}
     diffs = {k: float((state[k].float() - old[k].float()).abs().max()) for k in state

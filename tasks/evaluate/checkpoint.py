@@ -7,24 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.core import io
+from tasks.core import checkpoint, io
 from tasks.evaluate.errors import EvaluateError
 
 PREPROCESSING_FIELDS = ("classes", "resolution", "channels", "mean", "std", "resize", "background")
 
 
 def load_checkpoint(path: Path) -> dict:
-    import pickle
 
-    import torch
 
     if not path.exists():
         raise EvaluateError(f"{path}: no best checkpoint; run `keel train` first (or `dvc repro train`)")
     try:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # objects outside the safe allow-list: a keel checkpoint is trusted input
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = checkpoint.load_with_fallback(path)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
         raise EvaluateError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
                             "re-run `keel train` (or `dvc checkout` to restore it)") from None

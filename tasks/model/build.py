@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tasks.core import checkpoint
 from tasks.core.config import TrainConfig
 from tasks.core.errors import UserError
 
@@ -66,7 +67,7 @@ def load_init_checkpoint(model: nn.Module, path: Path) -> dict:
     the classifier is left freshly initialised when its shape differs (a different class set)."""
     if not path.exists():
         raise ModelConfigError(f"train.init_checkpoint: {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = checkpoint.load(path, unpickle=True)
     state = blob.get("model", blob) if isinstance(blob, dict) else blob
     own = model.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

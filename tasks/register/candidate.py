@@ -7,7 +7,7 @@ import json
 import pickle
 from pathlib import Path
 
-from tasks.core import io, lineage
+from tasks.core import checkpoint, io, lineage
 from tasks.core.config import Paths, RegisterConfig
 from tasks.core.errors import DataError
 from tasks.core.lineage import model_sha256  # the one definition of a model's identity (shared with evaluate)
@@ -15,13 +15,12 @@ from tasks.register.records import TAG, TEST_METRIC_KEYS, Candidate, RegisterErr
 
 
 def load_candidate(paths: Paths) -> Candidate:
-    import torch
 
     best = Path(paths.models_dir) / "best.pt"
     if not best.is_file():
         raise RegisterError(f"{best}: no checkpoint; run `keel train` (dvc repro train) first")
     try:
-        blob = torch.load(best, map_location="cpu", weights_only=True)
+        blob = checkpoint.load(best)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # corrupt / foreign file
         raise RegisterError(f"{best}: unreadable checkpoint ({type(exc).__name__}: {exc}); re-run `keel train`") \
             from None

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core import checkpoint
 from tasks.core.imaging import ImageRejected, preprocess
 from tasks.serving import inputs
 from tasks.serving.inputs import IMAGE_COLUMN, InvalidImageError
@@ -80,9 +81,8 @@ class ImageClassifier:
 
     @classmethod
     def from_files(cls, weights: str | Path, spec: str | Path, device: str | None = None) -> ImageClassifier:
-        import torch
 
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = checkpoint.load(weights)
         return cls(json.loads(Path(spec).read_text()), state, device=device)
 
     # ---- input -> model pixels

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks.core import checkpoint
 from tasks.serving.inputs import IMAGE_COLUMN
 from tasks.serving.model import spec_from_checkpoint
 from tasks.serving.pyfunc import SPEC_ARTIFACT, WEIGHTS_ARTIFACT, pyfunc_class
@@ -68,13 +69,12 @@ def package(blob: dict, workdir: str | Path, *, max_image_bytes: int, max_pixels
     """Everything ``mlflow.pyfunc.save_model`` / ``log_model`` needs for a ``best.pt`` blob, as keyword arguments
     (python_model, artifacts, code_paths, signature, input_example, pip_requirements).  Files are staged under
     ``workdir``, which must outlive the save/log call."""
-    import torch
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     spec = spec_from_checkpoint(blob, max_image_bytes=max_image_bytes, max_pixels=max_pixels)
     weights, spec_path = work / "weights.pt", work / "preprocessing.json"
-    torch.save({k: v.detach().cpu() for k, v in blob["model"].items()}, weights)
+    checkpoint.save(weights, {k: v.detach().cpu() for k, v in blob["model"].items()})
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     if not example_images:
         raise ValueError("example_images: give at least one encoded image for the input example")

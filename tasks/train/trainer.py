@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.core import io
+from tasks.core import checkpoint
 from tasks.train import outputs
 from tasks.train.errors import TrainError
 from tasks.train.feed import micro_batches
@@ -149,8 +149,7 @@ class Trainer:
 
     @staticmethod
     def save(path: Path, blob: dict) -> None:
-        with io.atomic_path(path) as tmp:
-            torch.save(blob, tmp)
+        checkpoint.save(path, blob)
 
     def sections(self) -> dict[str, dict]:
         """The callbacks' state as last.pt holds it: ``state`` (STATE_KEYS, with TrainState's) and ``signals``."""

@@ -61,3 +61,25 @@ def test_runtime_errors_name_the_key():
         with pytest.raises(runtime.RuntimeConfigError, match="train.device=cuda but no CUDA device"):
             runtime.device("cuda", "train.device")
     assert runtime.precision("auto", torch.device("cpu")) == "fp32"
+
+
+class _Boom:  # a pickled object whose unpickling would run code
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_checkpoint_load_is_safe_unless_asked(tmp_path):
+    import pickle
+
+    import torch
+
+    from tasks.core import checkpoint
+
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, {"model": {"w": torch.ones(2)}, "step": 3})
+    assert checkpoint.load(good)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["good.pt"]  # no temporary left behind
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {}, "x": _Boom()}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.load(bad)

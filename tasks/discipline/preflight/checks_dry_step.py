@@ -8,8 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from tasks.core import checkpoint
 from tasks.core.config import TrainConfig
 from tasks.discipline.preflight.report import CheckItem
 from tasks.train import loop
@@ -94,7 +93,7 @@ def _read_checkpoints(models_dir: Path, out: dict) -> None:
     best, last = models_dir / "best.pt", models_dir / "last.pt"
     out["best_pt"], out["last_pt"] = best.is_file(), last.is_file()
     if best.is_file():
-        blob = torch.load(best, map_location="cpu", weights_only=False)
+        blob = checkpoint.load(best, unpickle=True)
         out["best_keys"] = sorted(k for k in blob if k != "model")
         out["run_info"] = {k: blob["run_info"].get(k) for k in RUN_INFO_KEYS}
         out["run_info"]["config_seed"] = blob["run_info"].get("config", {}).get("seed")

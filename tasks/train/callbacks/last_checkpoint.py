@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import torch
 
+from tasks.core import checkpoint
 from tasks.train.callbacks import Callback
 
 
@@ -33,7 +34,7 @@ class LastCheckpoint(Callback):
             self.restore(t)
 
     def restore(self, t) -> None:
-        ck = torch.load(t.last_path, map_location=t.dist.device, weights_only=False)
+        ck = checkpoint.load(t.last_path, t.dist.device, unpickle=True)
         if ck.get("resume_key") != t.resume_key:
             if t.dist.master:
                 print(f"train: {t.last_path} is from a different config or data version; starting fresh",
