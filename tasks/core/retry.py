@@ -19,17 +19,23 @@ def transient_text(text: str) -> bool:
     return bool(TRANSIENT.search(text or ""))
 
 
-def transient_exception(exc: BaseException) -> bool:
-    """True for network errors anywhere in the exception's cause chain, or a message that names one."""
+def transient_cause(exc: BaseException) -> bool:
+    """True when the exception or anything in its cause chain is a network error, by type alone (a message is
+    not read: a wrapper that already gave up may quote the transient error it saw)."""
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - requests comes with mlflow and boto3
+        requests = None
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ConnectionError | TimeoutError):
             return True
-        try:
-            import requests
-        except ImportError:  # pragma: no cover - requests comes with mlflow and boto3
-            requests = None
         if requests is not None and isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
             return True
         seen = seen.__cause__ or seen.__context__
-    return transient_text(getattr(exc, "message", None) or str(exc))
+    return False
+
+
+def transient_exception(exc: BaseException) -> bool:
+    """True for network errors anywhere in the exception's cause chain, or a message that names one."""
+    return transient_cause(exc) or transient_text(getattr(exc, "message", None) or str(exc))

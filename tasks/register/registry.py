@@ -10,7 +10,7 @@ from urllib.parse import urlparse, urlunparse
 
 from tasks.core import tracking
 from tasks.core.config import RegisterConfig
-from tasks.core.retry import transient_exception
+from tasks.core.retry import transient_cause, transient_exception
 from tasks.register.records import CHAMPION, TAG, Champion, RegisterError
 
 # MLflow's own HTTP retries (7 by default, minutes of backoff) would hide an unreachable server behind a long
@@ -155,9 +155,7 @@ def transient(exc: BaseException) -> bool:
 
     if isinstance(exc, MlflowException):
         return transient_exception(exc)
-    probe = Exception()  # no message of its own: only the types in exc's cause chain decide
-    probe.__cause__ = exc
-    return transient_exception(probe)
+    return transient_cause(exc)
 
 
 @contextlib.contextmanager

@@ -83,3 +83,11 @@ def test_checkpoint_load_is_safe_unless_asked(tmp_path):
     torch.save({"model": {}, "x": _Boom()}, bad)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         checkpoint.load(bad)
+
+
+def test_transient_cause_reads_types_not_messages():
+    assert not retry.transient_cause(RuntimeError("gave up after: Connection refused"))
+    try:
+        raise RuntimeError("wrapped") from TimeoutError()
+    except RuntimeError as e:
+        assert retry.transient_cause(e)
