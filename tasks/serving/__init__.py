@@ -46,8 +46,6 @@ from tasks.serving.model import (
 )
 from tasks.serving.package import (
     SERVING_PACKAGES,
-    _public_version,
-    _stage_code,
     encode_png,
     input_example,
     package,
@@ -58,7 +56,7 @@ from tasks.serving.package import (
 from tasks.serving.pyfunc import SPEC_ARTIFACT, WEIGHTS_ARTIFACT, pyfunc_class
 
 __all__ = ["BATCH", "DEVICE_ENV", "IMAGE_COLUMN", "OUTPUT_COLUMNS", "SERVING_PACKAGES", "SPEC_ARTIFACT", "SPEC_FORMAT",
-           "WEIGHTS_ARTIFACT", "ImageClassifier", "InvalidImageError", "_public_version", "_stage_code", "encode_png",
+           "WEIGHTS_ARTIFACT", "ImageClassifier", "InvalidImageError", "encode_png",
            "input_example", "package", "pip_requirements", "pyfunc_class", "save", "signature",
            "spec_from_checkpoint"]
 
