@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.core.errors import ConfigError
 
@@ -27,6 +27,7 @@ class Paths(_Section):
     audit_dir: str = "reports/audit"
     split_manifest: str = "data/split/manifest.parquet"
     leakage_report: str = "reports/leakage.json"
+    leakage_picture: str = "reports/leakage.png"
     validate_dir: str = "reports/validate"
     shards_dir: str = "data/shards"
     models_dir: str = "models"
@@ -55,12 +56,24 @@ class IngestConfig(_Section):
     seed: int = 0
 
 
+class NearDupConfig(_Section):
+    """tasks.core.neardup: candidates by a blurred 8x8 descriptor, then aligned cross-correlation (see there)."""
+    min_side: int = Field(16, ge=1, description="smaller images are too small for the aligned check")
+    phash_max_distance: int = Field(4, ge=0, le=15, description="their check: pHash Hamming distance <= this")
+    neighbours: int = Field(5, ge=1, le=64, description="nearest items looked up per item, as it is and mirrored")
+    min_candidate_similarity: float = Field(0.75, ge=-1, le=1, description="descriptor cosine floor for a candidate")
+    max_shift: int = Field(3, ge=1, le=6, description="largest translation (pixels of the 32x32 thumbnail) tried")
+    min_coarse: float = Field(0.85, ge=-1, le=1, description="16x16 pre-check floor")
+    min_ncc: float = Field(0.93, ge=-1, le=1, description="aligned cross-correlation floor (shape and light)")
+    min_detail: float = Field(0.8, ge=-1, le=1, description="aligned band-pass cross-correlation floor (detail)")
+
+
 class SplitConfig(_Section):
     seed: int = 0
     fractions: dict[Literal["train", "val", "test"], float] = {"train": 0.8, "val": 0.1, "test": 0.1}
     val_fraction_of_train: float = Field(0.1, gt=0, lt=1, description="used when the source provides the test split")
     honour_source_split: bool = True
-    near_dup_max_distance: int = Field(4, ge=0, le=15, description="pHash Hamming distance <= this is a near duplicate")
+    near_duplicates: NearDupConfig = NearDupConfig()
     cross_split_duplicates: Literal["drop_from_train", "move_to_test", "fail"] = "drop_from_train"
     freeze: bool = Field(True, description="keep every id already in the manifest in its split")
 
@@ -201,6 +214,20 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(512, ge=1)
     calibration_bins: int = Field(15, ge=2, le=100)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    feature_audit: bool = Field(
+        True, description="after training, look for test items that are near-duplicates of train items in the "
+        "trained model's own penultimate features; report accuracy on all test items and on the others")
+    feature_dup_quantile: float = Field(
+        0.01, description="the audit's threshold: this quantile of each train item's cosine distance to its nearest "
+        "other train item (0 < q < 0.5); about this share of clean test items is flagged by chance")
+
+    @field_validator("feature_dup_quantile")
+    @classmethod
+    def _quantile_in_range(cls, q: float) -> float:
+        if not 0 < q < 0.5:
+            raise ValueError(f"must be > 0 and < 0.5 (a low quantile of the train-vs-train nearest-neighbour "
+                             f"distances, e.g. 0.01), got {q:g}")
+        return q
 
 
 class RegisterConfig(_Section):

@@ -16,10 +16,12 @@ Raw items  (``paths.raw_items``: a directory of ``part-NNNNN.parquet``; written 
     brightness    float32  mean of the normalised 8-bit grayscale image, 0..255
     contrast      float32  standard deviation of the same, 0..255
     pixel_sha     string   sha256 of the normalised decoded pixels (exact duplicates across encodings)
-    phash         uint64   64-bit DCT perceptual hash (near duplicates: small Hamming distance)
+    phash         uint64   64-bit DCT perceptual hash (the audit's duplicate counts)
+    thumb         binary   32x32 grey thumbnail, 1,024 bytes (``tasks.core.neardup``: split's near-duplicate search)
 
 Rejects  (``paths.rejects``: one parquet file; written by ``ingest``)
-    source_uri string, label string?, reason string (a stable code, see ``tasks.ingest.REASONS``), detail string
+    source_uri string, label string?, reason string (a stable code, see ``tasks.ingest.REASONS``), detail string,
+    source_split string?, duplicate_of string? (``duplicate_bytes``: the id of the kept byte-identical item)
     found = ingested + rejected, always.
 
 Split manifest  (``paths.split_manifest``: one parquet file, its sha256 in ``<manifest>.sha256``; written by ``split``)
@@ -53,6 +55,7 @@ import pyarrow.parquet as pq
 from tasks.core.errors import DataError
 
 SPLITS = ("train", "val", "test")
+THUMB = 32  # side of the raw ``thumb`` column's images; the same value as tasks.core.neardup.THUMB (tested)
 
 RAW_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -70,14 +73,17 @@ RAW_SCHEMA = pa.schema([
     ("contrast", pa.float32()),
     ("pixel_sha", pa.string()),
     ("phash", pa.uint64()),
+    ("thumb", pa.binary()),
 ])
-RAW_META_COLUMNS = [f.name for f in RAW_SCHEMA if f.name != "image"]
+RAW_META_COLUMNS = [f.name for f in RAW_SCHEMA if f.name not in ("image", "thumb")]
 
 REJECT_SCHEMA = pa.schema([
     ("source_uri", pa.string()),
     ("label", pa.string()),
     ("reason", pa.string()),
     ("detail", pa.string()),
+    ("source_split", pa.string()),
+    ("duplicate_of", pa.string()),
 ])
 
 MANIFEST_SCHEMA = pa.schema([
@@ -116,6 +122,11 @@ def write_json(dest: str | Path, obj) -> None:
 def write_text(dest: str | Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_table(dest: str | Path, table: pa.Table, **kwargs) -> None:
@@ -190,6 +201,30 @@ def read_raw_meta(raw_dir: str | Path) -> pa.Table:
         tables.append(pq.read_table(part, columns=RAW_META_COLUMNS))
     # column types are checked by the validate stage's expectations, which name the split and column
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_raw_thumbs(raw_dir: str | Path) -> np.ndarray:
+    """The ``thumb`` column of every raw item, in ``read_raw_meta``'s order: uint8 [N, 32, 32]."""
+    chunks = []
+    for part in raw_parts(raw_dir):
+        if "thumb" not in pq.read_schema(part).names:
+            raise DataError(f"{part}: raw items without the 'thumb' column (written by an older keel ingest); "
+                            "re-run `keel ingest` (`dvc repro` does, since the ingest code changed)")
+        col = pq.read_table(part, columns=["thumb"]).column("thumb")
+        try:
+            fixed = col.cast(pa.binary(THUMB * THUMB))  # fails on a value of the wrong length
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"{part}: a 'thumb' value is not {THUMB}x{THUMB} bytes ({exc}); re-run `keel ingest`") \
+                from None
+        if fixed.null_count:
+            raise DataError(f"{part}: {fixed.null_count} raw item(s) without a thumbnail; re-run `keel ingest`")
+        for chunk in fixed.chunks:
+            data = np.frombuffer(chunk.buffers()[1], np.uint8)
+            start = chunk.offset * THUMB * THUMB
+            chunks.append(data[start:start + len(chunk) * THUMB * THUMB])
+    if not chunks:
+        return np.zeros((0, THUMB, THUMB), np.uint8)
+    return np.concatenate(chunks).reshape(-1, THUMB, THUMB)
 
 
 def iter_raw_batches(raw_dir: str | Path, columns: list[str] | None = None,

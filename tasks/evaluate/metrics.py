@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -12,21 +13,33 @@ from tasks.core import io
 
 
 def predict(model, reader: io.ShardReader, mean: list[float], std: list[float], batch_size: int,
-            device, tta: str = "none") -> tuple[np.ndarray, np.ndarray, list[str]]:
+            device, tta: str = "none", on_features: Callable[[np.ndarray, np.ndarray, list[str]], None] | None = None,
+            ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Class probabilities float32 [N,K], labels int64 [N] and ids of every row the reader yields; ``tta``: the
-    model's test-time views (``train.tta``), averaged as in validation and serving."""
+    model's test-time views (``train.tta``), averaged as in validation and serving.
+
+    ``on_features(images, features, ids)``: called per batch, in the same pass, with the batch's uint8 images (a
+    view of the shard: copy what you keep) and the penultimate features of the plain view (the input of the final
+    classifier, float32 [B, D]; ``feature_audit.FeatureTap``)."""
+    import contextlib
+
     import torch
 
+    from tasks.evaluate.feature_audit import FeatureTap
     from tasks.model.views import Normalize, tta_logits
 
     model = model.to(device).eval()
     norm = Normalize(mean, std).to(device)
     total, done, t0, last = len(reader), 0, time.monotonic(), time.monotonic()
     probs, labels, ids = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), (FeatureTap(model) if on_features is not None else contextlib.nullcontext()) as tap:
         for x, y, i in reader.iter_batches(batch_rows=batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2)
+            if tap is not None:
+                tap.arm()  # tta_logits runs the plain view first: that call is the one tapped
             logits = tta_logits(model, norm(xb.float()), tta)[0].float()  # Normalize takes 0..255, as training
+            if tap is not None:
+                on_features(x, tap.take().float().cpu().numpy(), i)
             probs.append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32))
             labels.append(y)
             ids.extend(i)

@@ -1,6 +1,7 @@
 """The stage's outputs, all rendered from one recorded result (so a returned result reproduces them exactly):
 ``confusion.csv``, ``per_class.csv``, ``predictions.parquet``, ``confusion.png``, ``reliability.png``,
-``summary.md`` under ``paths.evaluate_dir``, then ``paths.test_metrics`` (the headline) last. Every write is atomic."""
+``feature_duplicates.json``, ``feature_duplicates.png``, ``summary.md`` under ``paths.evaluate_dir``, then
+``paths.test_metrics`` (the headline) last. Every write is atomic."""
 from __future__ import annotations
 
 import csv
@@ -15,9 +16,10 @@ import pyarrow as pa
 from tasks.core import io
 from tasks.core.config import Paths
 from tasks.core.text import pyplot, save_png
+from tasks.evaluate import feature_audit
 
 OUTPUT_FILES = ("confusion.png", "confusion.csv", "per_class.csv", "reliability.png", "predictions.parquet",
-                "summary.md")
+                "feature_duplicates.json", "feature_duplicates.png", "summary.md")
 
 
 def headline(result: dict, reused_result: bool) -> dict:
@@ -26,7 +28,17 @@ def headline(result: dict, reused_result: bool) -> dict:
     return {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"], "test_loss": m["loss"],
             "test_ece": m["ece"], "test_rows": m["rows"], "test_looks": result["looks"],
             "test_reused": result["test_reused"], "model_sha256": result["model_sha256"],
-            "manifest_sha256": result["manifest_sha256"], "reused_result": reused_result}
+            "manifest_sha256": result["manifest_sha256"], "reused_result": reused_result,
+            **feature_audit.headline(result.get("feature_audit"))}
+
+
+def audit_record(audit: dict | None) -> dict:
+    """``feature_duplicates.json``: the recorded audit without the pictures' pixels (the PNG shows them)."""
+    audit = audit or feature_audit.NOT_RECORDED
+    out = {k: v for k, v in audit.items() if k != "pairs"}
+    if audit.get("enabled"):
+        out["picture"] = {"file": "feature_duplicates.png", "pairs": [p["id"] for p in audit.get("pairs", [])]}
+    return out
 
 
 def _csv_text(header: list[str], rows: list[list]) -> str:
@@ -98,7 +110,7 @@ def _summary_md(result: dict, ledger_status: str) -> str:
              f"- test looks on this split: {result['looks']}"
              + (" — **test set reused**: this estimate is biased toward models that fit this test set"
                 if result["test_reused"] else " (first look)"),
-             "", "## Ledger", "", ledger_status, "", "## Per class", "",
+             "", "## Ledger", "", ledger_status, "", *_audit_md(result.get("feature_audit")), "## Per class", "",
              "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |"
               for r in m["per_class"]]
@@ -113,6 +125,21 @@ def _summary_md(result: dict, ledger_status: str) -> str:
     else:
         lines.append("none: every test item was classified correctly")
     return "\n".join(lines) + "\n"
+
+
+def _audit_md(audit: dict | None) -> list[str]:
+    audit = audit or feature_audit.NOT_RECORDED
+    lines = ["## Feature-space near-duplicates", "", feature_audit.summary_line(audit) + "."]
+    if audit.get("enabled"):
+        lines += ["", (f"By chance about {audit['expected_by_chance']:.1f} test items would be flagged (the "
+                       f"quantile x {audit['test_rows']} test items, when test and train are alike); more points "
+                       "to leakage. The closest pairs: `feature_duplicates.png`; all: `feature_duplicates.json`.")]
+        if audit["flagged"]:
+            lines += ["", "| test id | label | pred | nearest train id | train label | distance |",
+                      "|---|---|---|---|---|---:|"]
+            lines += [f"| `{r['id'][:12]}` | {r['label']} | {r['pred']} | `{r['train_id'][:12]}` | "
+                      f"{r['train_label']} | {r['distance']:.4f} |" for r in audit["flagged"][:10]]
+    return [*lines, ""]
 
 
 def write_outputs(paths: Paths, result: dict, pred_table: pa.Table, reused_result: bool, ledger_status: str) -> dict:
@@ -142,6 +169,10 @@ def write_outputs(paths: Paths, result: dict, pred_table: pa.Table, reused_resul
     else:
         _plot_confusion(plt, out / "confusion.png", cm, classes, m["accuracy"])
         _plot_reliability(plt, out / "reliability.png", m["reliability"], m["ece"], len(m["reliability"]))
+    audit = result.get("feature_audit") or feature_audit.NOT_RECORDED
+    io.write_json(out / "feature_duplicates.json", audit_record(audit))
+    with io.atomic_path(out / "feature_duplicates.png") as tmp:
+        tmp.write_bytes(feature_audit.render_pairs(audit, audit.get("pairs", [])))
     head = headline(result, reused_result)
     io.write_text(out / "summary.md", _summary_md(result, ledger_status))
     io.write_json(paths.test_metrics, head)  # last: its presence means the stage finished

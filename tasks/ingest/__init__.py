@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.core import io
+from tasks.core import io, neardup
 from tasks.core.config import IngestConfig, Paths
-from tasks.core.imaging import ImageRejected, decode, features
+from tasks.core.imaging import ImageRejected, decode, features, to_gray
 from tasks.core.parallel import bounded_map, chunked
 from tasks.ingest import sources
 
@@ -86,6 +86,7 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
         try:
             d = decode(data, **_WORKER["decode_kwargs"])
             brightness, contrast, pixel_sha, ph = features(d.pixels)
+            thumb = neardup.thumbnail(to_gray(d.pixels))
         except ImageRejected as r:
             out.append((None, (r.reason, r.detail)))
             continue
@@ -96,7 +97,7 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
             "id": hashlib.sha256(data).hexdigest(), "image": data, "label": c.label, "source_uri": c.uri,
             "group": c.group, "source_split": c.source_split, "format": d.format, "width": d.width,
             "height": d.height, "mode": d.mode, "channels": d.channels, "brightness": brightness,
-            "contrast": contrast, "pixel_sha": pixel_sha, "phash": ph,
+            "contrast": contrast, "pixel_sha": pixel_sha, "phash": ph, "thumb": thumb,
         }, None))
     return out
 
@@ -122,8 +123,9 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
 
     rejects: list[dict] = []
 
-    def reject(c: sources.Candidate, reason: str, detail: str) -> None:
-        rejects.append({"source_uri": c.uri, "label": c.label, "reason": reason, "detail": detail})
+    def reject(c: sources.Candidate, reason: str, detail: str, duplicate_of: str | None = None) -> None:
+        rejects.append({"source_uri": c.uri, "label": c.label, "reason": reason, "detail": detail,
+                        "source_split": c.source_split, "duplicate_of": duplicate_of})
 
     todo = []
     for c in cands:
@@ -136,7 +138,7 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
 
     decode_kwargs = {"max_pixels": cfg.max_pixels, "allowed_formats": cfg.allowed_formats, "alpha": cfg.alpha,
                      "min_side": cfg.min_side}
-    seen: dict[str, tuple[str, str]] = {}
+    seen: dict[str, sources.Candidate] = {}
     ingested = 0
     progress = _Progress(len(cands))
     with io.atomic_dir(paths.raw_items) as tmp_dir:
@@ -151,10 +153,19 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
                     continue
                 first = seen.get(row["id"])
                 if first is not None:
-                    conflict = "" if first[1] == c.label else f" (labels differ: kept {first[1]!r}, this {c.label!r})"
-                    reject(c, "duplicate_bytes", f"same bytes as id {row['id'][:16]}… from {first[0]}{conflict}")
+                    kept_c = first
+                    if _RANK.get(c.source_split, 0) > _RANK.get(first.source_split, 0):
+                        # a test (or val) copy of an item kept from a lower split: the test copy is the item
+                        writer.replace(row["id"], row)
+                        seen[row["id"]] = c
+                        kept_c, c = c, first
+                        rejects[:] = [r if r.get("duplicate_of") != row["id"] else
+                                      {**r, "detail": _dup_detail(row["id"], kept_c, r)} for r in rejects]
+                    reject(c, "duplicate_bytes", _dup_detail(row["id"], kept_c, {"label": c.label,
+                                                                                  "source_split": c.source_split}),
+                           duplicate_of=row["id"])
                     continue
-                seen[row["id"]] = (c.uri, c.label)
+                seen[row["id"]] = c
                 writer.add(row)
                 ingested += 1
             progress.update(ingested + len(rejects), ingested, len(rejects))
@@ -179,6 +190,16 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
     return result
 
 
+_RANK = {"train": 1, "val": 2, "test": 3}  # which byte-identical copy is kept: the one from the highest split
+
+
+def _dup_detail(item_id: str, kept: sources.Candidate, copy: dict) -> str:
+    where = f" ({kept.source_split} copy kept, this {copy['source_split']} copy dropped)" \
+        if kept.source_split != copy["source_split"] else ""
+    conflict = "" if kept.label == copy["label"] else f" (labels differ: kept {kept.label!r}, this {copy['label']!r})"
+    return f"same bytes as id {item_id[:16]}… from {kept.uri}{where}{conflict}"
+
+
 def _write_rejects(path: str, rejects: list[dict]) -> None:
     table = pa.Table.from_pylist(rejects, schema=io.REJECT_SCHEMA) if rejects else io.REJECT_SCHEMA.empty_table()
     io.write_table(path, table)
@@ -192,6 +213,16 @@ class _PartWriter:
 
     def __init__(self, out_dir: Path, part_rows: int):
         self.dir, self.part_rows, self.rows, self.n, self.bytes = Path(out_dir), part_rows, [], 0, 0
+        self.where: dict[str, int] = {}      # id -> part number
+        self.replaced: dict[str, dict] = {}  # id -> replacement row, applied to written parts at close
+
+    def replace(self, item_id: str, row: dict) -> None:
+        """Swap the row of an id already added for another copy of the same bytes (same id, other source)."""
+        for i, r in enumerate(self.rows):
+            if r["id"] == item_id:
+                self.rows[i] = row
+                return
+        self.replaced[item_id] = row
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -204,8 +235,17 @@ class _PartWriter:
             return
         table = pa.Table.from_pylist(self.rows, schema=io.RAW_SCHEMA)
         pq.write_table(table, self.dir / f"part-{self.n:05d}.parquet", row_group_size=1024)
+        self.where.update((r["id"], self.n) for r in self.rows)
         self.n += 1
         self.rows, self.bytes = [], 0
 
     def close(self) -> None:
         self.flush()
+        by_part: dict[int, dict[str, dict]] = {}
+        for item_id, row in self.replaced.items():
+            by_part.setdefault(self.where[item_id], {})[item_id] = row
+        for n, rows in sorted(by_part.items()):  # rare (cross-split copies): rewrite just those parts
+            path = self.dir / f"part-{n:05d}.parquet"
+            table = pq.read_table(path).to_pylist()
+            table = [rows.get(r["id"], r) for r in table]
+            pq.write_table(pa.Table.from_pylist(table, schema=io.RAW_SCHEMA), path, row_group_size=1024)

@@ -23,7 +23,10 @@ Registering (gate passed):
       today are listed in the report as ``tag_drift``); otherwise the pyfunc (``tasks.serving``) is logged under
       the training run (``run_info.tracking_run_id`` when that run exists on this server, else a new run
       "register" in ``register.experiment``) with the test metrics and the evaluate figures, and a version is
-      created with the ``keel.*`` lineage tags (``TAG_KEYS``);
+      created with the ``keel.*`` lineage tags (``TAG_KEYS``). Both accuracies of evaluate's feature-space audit
+      travel with it: ``test_accuracy`` (all test items) and ``test_accuracy_dedup`` (without the test items that
+      are near-duplicates of train items in the model's own features), with ``feature_dup_count``, as run metrics
+      and as version tags (a tag says ``none: feature audit <why>`` when the audit was off);
     * alias ``challenger`` -> the version; the version is loaded back from the registry and must predict the input
       example exactly as the in-process model does; only then alias ``champion`` -> the version (an alias names one
       version, so the previous champion loses it);

@@ -77,8 +77,18 @@ def lineage_tags(cfg: RegisterConfig, paths: Paths, cand: Candidate) -> dict[str
         "test_macro_f1": repr(float(test["test_macro_f1"])),
         "val_accuracy": repr(float(cand.train["best_val_accuracy"])),
         "model_name": cand.blob["model_name"],
+        "test_accuracy_dedup": _audit_tag(test, "test_accuracy_dedup", float),
+        "feature_dup_count": _audit_tag(test, "feature_dup_count", int),
     }
     return {f"{TAG}{k}": str(v) for k, v in tags.items()}
+
+
+def _audit_tag(test: dict, key: str, kind) -> str:
+    """A feature-space audit number as a tag; without one, why (test.json's ``feature_audit``), never a blank."""
+    v = test.get(key)
+    if is_number(v):
+        return repr(kind(v))
+    return f"none: feature audit {test.get('feature_audit') or 'off'}"
 
 
 def _sha_or_absent(path: Path) -> str:

@@ -10,10 +10,13 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 TAG = "keel."
 TAG_KEYS = ("git_sha", "git_dirty", "environment_hash", "dvc_lock_sha256", "manifest_sha256", "shard_index_sha256",
             "ge_validation", "params_sha256", "training_run_id", "model_sha256", "test_ledger", "test_accuracy",
-            "test_macro_f1", "val_accuracy", "model_name")
+            "test_macro_f1", "val_accuracy", "model_name", "test_accuracy_dedup", "feature_dup_count")
+# test_accuracy_dedup / feature_dup_count: evaluate's feature-space audit (None in test.json when it was off; its
+# ``feature_audit`` key then says why, and the tags carry that reason instead of a number)
 TEST_METRIC_KEYS = ("test_accuracy", "test_macro_f1", "test_loss", "test_ece", "test_rows", "test_looks",
-                    "test_reused", "model_sha256", "manifest_sha256")
-LOGGED_METRICS = ("test_accuracy", "test_macro_f1", "test_loss", "test_ece", "test_rows", "test_looks")
+                    "test_reused", "model_sha256", "manifest_sha256", "test_accuracy_dedup", "feature_dup_count")
+LOGGED_METRICS = ("test_accuracy", "test_macro_f1", "test_loss", "test_ece", "test_rows", "test_looks",
+                  "test_accuracy_dedup", "feature_dup_count", "feature_dup_fraction", "feature_dup_threshold")
 SERVE_PORT = 5001
 
 

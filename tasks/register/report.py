@@ -25,13 +25,21 @@ def description(name: str, uri: str, cand: Candidate, tags: dict) -> str:
     classes = cand.blob["index"]["classes"]
     return (f"keel image classifier ({cand.blob['model_name']}, {len(classes)} classes), test accuracy "
             f"{float(cand.test['test_accuracy']):.4f}, macro F1 {float(cand.test['test_macro_f1']):.4f} "
-            f"({tags[f'{TAG}test_ledger']}); lineage in the keel.* tags.\n\n"
+            f"({tags[f'{TAG}test_ledger']}); {_dedup_words(cand.test)}; lineage in the keel.* tags.\n\n"
             f"Serve: `MLFLOW_TRACKING_URI={redact(uri)} {serve_command(name)}`\n\n"
             "Request: POST /invocations, Content-Type: application/json, "
             '`{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a PNG/JPEG file>"]]}}` '
             "(one row per image). Answer: label, label_index, probability, probabilities (in class order). "
             "In Python: `mlflow.pyfunc.load_model(\"" + champion_uri(name) + "\").predict(pd.DataFrame("
             "{\"image\": [png_bytes]}))`. A bad image gets HTTP 400 naming the row and the reason.")
+
+
+def _dedup_words(test: dict) -> str:
+    acc, count = test.get("test_accuracy_dedup"), test.get("feature_dup_count")
+    if acc is None or count is None:
+        return f"feature-space audit {test.get('feature_audit') or 'off'}"
+    return (f"test accuracy {float(acc):.4f} without the {int(count)} test item(s) that are near-duplicates of "
+            "train items in the model's feature space")
 
 
 def write_report(paths: Paths, result: RegisterResult, cand: Candidate, champion: Champion | None,
@@ -49,7 +57,7 @@ def write_report(paths: Paths, result: RegisterResult, cand: Candidate, champion
         "candidate": {"model_sha256": cand.model_sha256, "manifest_sha256": cand.manifest_sha256,
                       "model": cand.blob["model_name"],
                       **{k: cand.test.get(k) for k in ("test_accuracy", "test_macro_f1", "test_looks",
-                                                       "test_reused")},
+                                                       "test_reused", "test_accuracy_dedup", "feature_dup_count")},
                       "val_accuracy": cand.train.get("best_val_accuracy")},
         "gate": {"passed": all(c.passed for c in result.checks), "checks": [asdict(c) for c in result.checks]},
         "champion_before": asdict(champion) if champion else None,

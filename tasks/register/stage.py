@@ -108,7 +108,7 @@ def _log_evaluation(reg: Registry, run_id: str, cand: Candidate, paths: Paths) -
     metrics = [Metric(k, float(cand.test[k]), ts, 0) for k in LOGGED_METRICS if is_number(cand.test.get(k))]
     reg.call("log test metrics", reg.client.log_batch, run_id, metrics=metrics, synchronous=True)
     ev = Path(paths.evaluate_dir)
-    for f in sorted([*ev.glob("*.png"), ev / "summary.md", Path(paths.test_metrics)]):
+    for f in sorted([*ev.glob("*.png"), ev / "summary.md", ev / "feature_duplicates.json", Path(paths.test_metrics)]):
         if f.is_file():
             reg.call(f"log artifact {f.name}", reg.client.log_artifact, run_id, str(f), "evaluate")
 

@@ -54,13 +54,15 @@ def ledger(paths) -> list[dict]:
 
 
 def outputs(paths) -> dict:
-    """What a re-run must reproduce: metrics (minus the reused flag), CSVs, predictions."""
+    """What a re-run must reproduce: metrics (minus the reused flag), CSVs, predictions, the feature audit."""
     d = Path(paths.evaluate_dir)
     metrics = json.loads(Path(paths.test_metrics).read_text())
     metrics.pop("reused_result")
     return {"metrics": metrics, "confusion": (d / "confusion.csv").read_bytes(),
             "per_class": (d / "per_class.csv").read_bytes(),
-            "predictions": pq.read_table(d / "predictions.parquet").to_pylist()}
+            "predictions": pq.read_table(d / "predictions.parquet").to_pylist(),
+            "feature_duplicates": (d / "feature_duplicates.json").read_bytes(),
+            "feature_picture": (d / "feature_duplicates.png").read_bytes()}
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +94,13 @@ def test_first_evaluation_writes_all_outputs_with_sane_metrics(first, digits_tra
     for name in evaluate.OUTPUT_FILES:
         assert (d / name).stat().st_size > 0, name
     metrics = json.loads(Path(ep.test_metrics).read_text())
+    audit = json.loads((d / "feature_duplicates.json").read_text())  # tests/stage/test_feature_audit.py: the audit
     assert metrics == {"test_accuracy": res.accuracy, "test_macro_f1": res.macro_f1, "test_loss": res.loss,
                        "test_ece": res.ece, "test_rows": rows, "test_looks": 1, "test_reused": False,
                        "model_sha256": res.model_sha256, "manifest_sha256": index.manifest_sha256,
-                       "reused_result": False}
+                       "reused_result": False, "feature_audit": "on", "test_accuracy_dedup": res.accuracy_dedup,
+                       "feature_dup_count": res.feature_dup_count,
+                       "feature_dup_fraction": res.feature_dup_count / rows, "feature_dup_threshold": audit["threshold"]}
     ck = checkpoint(p)
     assert res.model_sha256 == evaluate.model_sha256(ck["model"], "resnet10t")
     # the numbers agree with scikit-learn on the recorded predictions

@@ -60,7 +60,10 @@ def base(digits_trained):
                "test_loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()), "test_ece": 0.02,
                "test_rows": len(y), "test_looks": 1, "test_reused": False,
                "model_sha256": model_sha256(blob["model"], blob["model_name"]),
-               "manifest_sha256": index["manifest_sha256"], "reused_result": False}
+               "manifest_sha256": index["manifest_sha256"], "reused_result": False,
+               # evaluate's feature-space audit (tests/stage/test_feature_audit.py checks the real numbers)
+               "feature_audit": "on", "test_accuracy_dedup": float((pred[1:] == y[1:]).mean()), "feature_dup_count": 1,
+               "feature_dup_fraction": 1 / len(y), "feature_dup_threshold": 0.02}
     return paths, blob, metrics
 
 
@@ -167,12 +170,18 @@ def test_register_then_again_is_idempotent(server, base, tmp_path, quiet_mlflow)
     assert tags["keel.dvc_lock_sha256"] == "absent" and tags["keel.params_sha256"] == "absent"
     assert tags["keel.training_run_id"] == "none"  # the fixture trained without a tracker
     assert float(tags["keel.test_accuracy"]) == pytest.approx(metrics["test_accuracy"])
+    # the version carries both accuracies: all test items, and without the feature-space near-duplicates
+    assert float(tags["keel.test_accuracy_dedup"]) == pytest.approx(metrics["test_accuracy_dedup"])
+    assert tags["keel.feature_dup_count"] == "1"
     assert tags["keel.model_name"] == blob["model_name"] and tags["keel.git_sha"]
     assert "mlflow models serve -m models:/digits-a@champion" in mv.description
+    assert f"test accuracy {metrics['test_accuracy_dedup']:.4f} without the 1 test item(s)" in mv.description
     # logged under a "register" run (no training run on this server), with the test metrics and figures
     run = client.get_run(mv.run_id)
     assert run.info.run_name == "register" and run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert run.data.metrics["test_accuracy_dedup"] == pytest.approx(metrics["test_accuracy_dedup"])
+    assert run.data.metrics["feature_dup_count"] == 1 and run.data.metrics["feature_dup_threshold"] == 0.02
     assert {a.path for a in client.list_artifacts(mv.run_id, "evaluate")} >= {"evaluate/confusion.png",
                                                                               "evaluate/summary.md"}
     report = json.loads(Path(p.register_report).read_text())
@@ -181,6 +190,8 @@ def test_register_then_again_is_idempotent(server, base, tmp_path, quiet_mlflow)
     assert report["serve"]["command"] == "mlflow models serve -m models:/digits-a@champion --env-manager local -p 5001"
     assert report["serve"]["env"]["MLFLOW_TRACKING_URI"] == server.uri
     assert report["gate"]["passed"] and report["tags"] == dict(tags)
+    assert report["candidate"]["test_accuracy_dedup"] == metrics["test_accuracy_dedup"]
+    assert report["candidate"]["feature_dup_count"] == 1
 
     before = snapshot(server.uri, "digits-a")
     (quiet_mlflow / "dvc.lock").write_text("schema: '2.0'\n")  # e.g. the register stage got locked meanwhile
@@ -258,6 +269,25 @@ def test_thresholds_and_reused_test_fail_the_gate(server, base, tmp_path):
                      "passed": False, "detail": "register.min_test_accuracy"}
     with pytest.raises(MlflowException):  # not even the registered model was created
         MlflowClient(server.uri).get_registered_model("digits-c")
+
+
+def test_feature_audit_numbers_are_required_and_an_off_audit_is_tagged_with_its_reason(base, tmp_path):
+    from tasks.register.candidate import lineage_tags, load_candidate
+
+    p = candidate(tmp_path / "old", base)
+    test = json.loads(Path(p.test_metrics).read_text())
+    for k in ("test_accuracy_dedup", "feature_dup_count"):
+        test.pop(k)
+    Path(p.test_metrics).write_text(json.dumps(test))  # written by an evaluate before the audit existed
+    with pytest.raises(RegisterError, match=r"test.json: missing \['test_accuracy_dedup', 'feature_dup_count'\]; "
+                                            r"re-run `keel evaluate`"):
+        load_candidate(p)
+    off = candidate(tmp_path / "off", base, feature_audit="off: evaluate.feature_audit is false",
+                    test_accuracy_dedup=None, feature_dup_count=None, feature_dup_fraction=None,
+                    feature_dup_threshold=None)
+    tags = lineage_tags(RegisterConfig(), off, load_candidate(off))
+    assert tags["keel.test_accuracy_dedup"] == tags["keel.feature_dup_count"] == \
+        "none: feature audit off: evaluate.feature_audit is false"
 
 
 def test_test_metrics_of_another_model_are_refused(base, tmp_path):
