@@ -374,6 +374,7 @@ def _paths(run_dir: Path):
                  audit_dir=str(run_dir / "reports" / "audit"),
                  split_manifest=str(run_dir / "split" / "manifest.parquet"),
                  leakage_report=str(run_dir / "reports" / "leakage.json"),
+                 leakage_picture=str(run_dir / "reports" / "leakage.png"),
                  validate_dir=str(run_dir / "reports" / "validate"), shards_dir=str(run_dir / "shards"))
 
 

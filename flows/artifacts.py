@@ -57,11 +57,15 @@ def leakage(root: Path, paths) -> None:
     counts = lk.get("counts") or {}
     md = [f"# Split and leakage: {'passed' if lk.get('passed') else 'FAILED'}", "",
           "| split | items |", "|---|---:|", *[f"| {k} | {v} |" for k, v in counts.items()], "",
-          (f"- leakage units: {lk.get('units')}; exact duplicate links {lk.get('exact_duplicate_links')}, "
-           f"near duplicate links {lk.get('near_duplicate_links')}"),
+          (f"- leakage units: {lk.get('units')}; links {lk.get('links')}"),
           (f"- cross-split policy `{lk.get('cross_split_policy')}`: {len(lk.get('cross_split_items') or [])} "
-           f"item(s) handled; frozen ids kept {lk.get('frozen_ids_kept')}"),
+           f"item(s) handled; frozen ids kept {lk.get('frozen_ids_kept')}; picture {lk.get('picture')}"),
           f"- problems: {lk.get('problems') or 'none'}"]
+    cross = [p for p in lk.get("pairs") or [] if p.get("cross_source_split")]
+    if cross:
+        md += ["", "| check | score | transform | a | b |", "|---|---:|---|---|---|"]
+        md += [f"| {p['check']} | {p.get('score')} | {p.get('transform') or ''} | {p['a']['uri']} ({p['a']['split']}) "
+               f"| {p['b']['uri']} ({p['b']['split']}) |" for p in cross[:50]]
     create_markdown_artifact("\n".join(md), key="keel-leakage", description=str(paths.leakage_report))
 
 

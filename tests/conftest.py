@@ -33,6 +33,7 @@ def pattern(seed: int, size: int = 16, channels: int = 3) -> np.ndarray:
 def tmp_paths(root: Path) -> Paths:
     return Paths(raw_items=str(root / "raw"), rejects=str(root / "rejects.parquet"), audit_dir=str(root / "audit"),
                  split_manifest=str(root / "split" / "manifest.parquet"), leakage_report=str(root / "leakage.json"),
+                 leakage_picture=str(root / "leakage.png"),
                  validate_dir=str(root / "validate"), shards_dir=str(root / "shards"), models_dir=str(root / "models"),
                  train_metrics=str(root / "metrics" / "train.json"), train_plots_dir=str(root / "reports" / "train"),
                  evaluate_dir=str(root / "reports" / "evaluate"), test_metrics=str(root / "metrics" / "test.json"),

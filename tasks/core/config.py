@@ -64,8 +64,8 @@ class NearDupConfig(_Section):
     min_candidate_similarity: float = Field(0.75, ge=-1, le=1, description="descriptor cosine floor for a candidate")
     max_shift: int = Field(3, ge=1, le=6, description="largest translation (pixels of the 32x32 thumbnail) tried")
     min_coarse: float = Field(0.85, ge=-1, le=1, description="16x16 pre-check floor")
-    min_ncc: float = Field(0.93, ge=-1, le=1, description="aligned cross-correlation floor (shape and light)")
-    min_detail: float = Field(0.8, ge=-1, le=1, description="aligned band-pass cross-correlation floor (detail)")
+    min_ncc: float = Field(0.96, ge=-1, le=1, description="aligned cross-correlation floor (shape and light)")
+    min_detail: float = Field(0.9, ge=-1, le=1, description="aligned band-pass cross-correlation floor (detail)")
 
 
 class SplitConfig(_Section):

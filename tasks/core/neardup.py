@@ -23,8 +23,9 @@ are not linked here (exact pixel hashes still join identical ones) and are count
 """
 from __future__ import annotations
 
-import sys
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -44,8 +45,8 @@ class Params:
     min_candidate_similarity: float = 0.75
     max_shift: int = 3
     min_coarse: float = 0.85
-    min_ncc: float = 0.93
-    min_detail: float = 0.8
+    min_ncc: float = 0.96
+    min_detail: float = 0.9
 
 
 @dataclass
@@ -321,7 +322,7 @@ def verify(ta: np.ndarray, tb: np.ndarray, params: Params, how: np.ndarray | Non
     return passed, ncc, detail, names
 
 
-def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None) -> Found:
+def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None, threads: int | None = None) -> Found:
     """All verified near-duplicate pairs among N thumbnails (uint8 [N, 32, 32])."""
     t0 = time.perf_counter()
     n = len(thumbs)
@@ -334,18 +335,24 @@ def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None) -> 
     passed_all, ncc_all, det_all, names_all = [], [], [], []
     t1 = time.perf_counter()
     last = t1
-    for s in range(0, len(cand), _CHUNK):
-        c = cand[s:s + _CHUNK]
-        ok, ncc, det, names = verify(thumbs[c[:, 0]], thumbs[c[:, 1]], params, c[:, 2])
-        passed_all.append(ok)
-        ncc_all.append(ncc)
-        det_all.append(det)
-        names_all += names
-        now = time.perf_counter()
-        if log is not None and now - last > 5:
-            last = now
-            log(f"near duplicates: verified {s + len(c):,}/{len(cand):,} candidate pairs "
-                f"({(s + len(c)) / (now - t1):,.0f}/s)")
+    chunks = [cand[s:s + _CHUNK] for s in range(0, len(cand), _CHUNK)]
+
+    def check(c: np.ndarray):
+        return verify(thumbs[c[:, 0]], thumbs[c[:, 1]], params, c[:, 2])
+
+    # numpy's matrix products and reductions release the GIL: threads use every core without copying thumbs
+    with ThreadPoolExecutor(max(1, min(threads or os.cpu_count() or 1, 8))) as pool:
+        done = 0
+        for c, (ok, ncc, det, names) in zip(chunks, pool.map(check, chunks)):
+            passed_all.append(ok)
+            ncc_all.append(ncc)
+            det_all.append(det)
+            names_all += names
+            done += len(c)
+            now = time.perf_counter()
+            if log is not None and now - last > 5:
+                last = now
+                log(f"near duplicates: verified {done:,}/{len(cand):,} candidate pairs ({done / (now - t1):,.0f}/s)")
     if passed_all:
         ok = np.concatenate(passed_all)
         ncc, det = np.concatenate(ncc_all), np.concatenate(det_all)
@@ -359,7 +366,3 @@ def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None) -> 
     })
     return Found(cand[idx, :2] if len(cand) else np.zeros((0, 2), np.int64), ncc[idx], det[idx],
                  [names_all[i] for i in idx], stats)
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -62,7 +62,7 @@ def find(meta: pa.Table, thumbs: np.ndarray | None, params: neardup.Params, min_
             pairs = np.concatenate([pairs, small[sp]])
             ncc = np.concatenate([ncc, np.full(len(sp), np.nan, np.float32)])
             detail = np.concatenate([detail, np.full(len(sp), np.nan, np.float32)])
-            transform += [f"pHash Hamming distance {int(d)} (image under {min_side} px)" for d in dist]
+            transform += [f"pHash distance {int(d)} (under {min_side} px)" for d in dist]
     found.stats.update(small_items=int(small.size), min_side=min_side, small_item_check=(
         f"pHash Hamming distance <= {phash_max_distance}"))
     return Links(n, group, exact, pairs.astype(np.int64), ncc, detail, transform, found.stats)

@@ -60,7 +60,8 @@ def aws_env(s3, monkeypatch, tmp_path):
 def _paths(base) -> Paths:
     return Paths(raw_items=str(base / "raw" / "items"), rejects=str(base / "raw" / "rejects.parquet"),
                  audit_dir=str(base / "audit"), split_manifest=str(base / "split" / "manifest.parquet"),
-                 leakage_report=str(base / "leakage.json"), validate_dir=str(base / "validate"),
+                 leakage_report=str(base / "leakage.json"),
+                 leakage_picture=str(base / "leakage.png"), validate_dir=str(base / "validate"),
                  shards_dir=str(base / "shards"))
 
 

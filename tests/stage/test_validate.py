@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.config import Paths, ValidateConfig
-from tasks.core.io import RAW_SCHEMA, DataError, write_manifest
+from tasks.core.io import RAW_SCHEMA, THUMB, DataError, write_manifest
 from tasks.validate import ValidateResult, ValidationFailed, run
 
 CLASSES = ["cat", "dog", "frog"]
@@ -53,7 +53,7 @@ def _write(root: Path, items: list[dict], *, excluded: int = 2, not_in_raw: tupl
         "source_uri": [f"{r['id']}.png" for r in raw_rows], "group": [None] * n, "source_split": [None] * n,
         "format": ["PNG"] * n, "width": [r["width"] for r in raw_rows], "height": [r["height"] for r in raw_rows],
         "mode": ["RGB"] * n, "channels": [3] * n, "brightness": [0.5] * n, "contrast": [0.1] * n,
-        "pixel_sha": [r["id"] for r in raw_rows], "phash": [0] * n,
+        "pixel_sha": [r["id"] for r in raw_rows], "phash": [0] * n, "thumb": [bytes(THUMB * THUMB)] * n,
     }, schema=RAW_SCHEMA)
     raw = raw.select(raw_schema.names).cast(raw_schema)
     raw_dir = root / "data" / "raw" / "items"
