@@ -65,12 +65,23 @@ def assign(meta: pa.Table, cfg: SplitConfig, units: np.ndarray,
         new = [i for i in members if ids[i] not in frozen]
         for i in old:
             split[i], reason[i] = frozen[ids[i]]
+            if src[i] == "test" and split[i] in ("train", "val"):
+                # the source now says test (e.g. the same bytes were added under test/): a frozen id never moves,
+                # so say that the source's test file stays where it was frozen
+                decisions.append({"id": ids[i], "label": labels[i], "source_split": src[i], "split": split[i],
+                                  "partner_id": ids[i], "partner_label": labels[i], "partner_split": split[i],
+                                  "reason": f"source-test item frozen in {split[i]} (frozen ids never move; "
+                                            "re-split with --refreeze to move it)"})
         if not new:
             continue
         placed = sorted({split[i] for i in old if split[i] in ORDER}, key=ORDER.get)
         if len(placed) > 1:
+            anchor = next(i for i in old if split[i] == placed[-1])
             for i in new:
-                split[i], reason[i] = "excluded", f"near duplicate bridging frozen splits {placed}"
+                if "test" in placed:  # a test leak the policy must see (fail stops; the others record it)
+                    decide(i, anchor, "excluded", f"near duplicate bridging frozen splits {placed}")
+                else:
+                    split[i], reason[i] = "excluded", f"near duplicate bridging frozen splits {placed}"
             continue
         if len(placed) == 1:
             s = placed[0]

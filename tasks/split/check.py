@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from tasks.split.links import KINDS, Links
+from tasks.split.links import Links
 
 KIND_TEXT = {"group": "same group", "exact_pixels": "exact duplicate (same pixels)",
              "near": "near duplicate (verified)"}
@@ -31,7 +31,24 @@ def check(manifest: pa.Table, meta: pa.Table, links: Links) -> list[str]:
     missing = [uris[k] for k in np.flatnonzero(where == "missing")[:20]]
     problems += [f"{u}: raw item has no row in the manifest" for u in missing]
     kept = np.isin(where, SPLITS)
-    for kind in KINDS:
+    # groups and identical pixels: every kept item sharing a key must be in one split (their links are a chain,
+    # which an excluded item in the middle would break)
+    for kind, column in (("group", "group"), ("exact_pixels", "pixel_sha")):
+        keys = np.asarray(meta.column(column).to_pylist(), dtype=object)
+        valid = kept & np.array([isinstance(k, str) and k != "" for k in keys], dtype=bool)
+        idx = np.flatnonzero(valid)
+        if idx.size < 2:
+            continue
+        order = idx[np.argsort(keys[idx].astype(str), kind="stable")]
+        k_sorted, s_sorted = keys[order].astype(str), where[order]
+        starts = np.flatnonzero(np.r_[True, k_sorted[1:] != k_sorted[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for a, b in zip(starts, ends):
+            if b - a > 1 and len(set(s_sorted[a:b])) > 1:
+                members = order[a:b]
+                problems.append(f"{KIND_TEXT[kind]} ({column} {k_sorted[a][:16]}): " + ", ".join(
+                    f"{uris[m]} ({where[m]}, id {ids[m][:12]}…)" for m in members[:6]))
+    for kind in ("near",):
         edges = getattr(links, kind)
         if not len(edges):
             continue

@@ -1,7 +1,9 @@
 """ingest on tiny real files: every bad input the issue names, and the found = ingested + rejected account."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -260,3 +262,72 @@ def test_nothing_readable_fails_but_keeps_the_reasons(tmp_path, paths):
     reasons = sorted(r["reason"] for r in pq.read_table(paths.rejects).to_pylist())
     assert reasons == ["empty_file", "not_an_image"]
     assert not Path(paths.raw_items).exists()  # nothing that looks like a finished raw table
+
+
+# ---------------------------------------------------------------- byte-identical copies across source splits
+def _uri_key(uri: str) -> bytes:
+    return hashlib.sha1(uri.encode()).digest()  # ingest's processing order (tasks.ingest.run)
+
+
+def _names(train_first: bool, same_name: bool) -> tuple[str, str]:
+    """File names for the train and the test copy such that ingest meets the train copy first (or last)."""
+    for k in range(1000):
+        train = f"copy{k}.png"
+        test = train if same_name else f"other{k}.png"
+        if (_uri_key(f"train/cat/{train}") < _uri_key(f"test/cat/{test}")) == train_first:
+            return train, test
+    raise AssertionError("no names found")
+
+
+@pytest.mark.parametrize("same_name", [True, False], ids=["same name", "other name"])
+@pytest.mark.parametrize("train_first", [True, False], ids=["train copy met first", "train copy met last"])
+def test_cross_split_byte_identical_copy_keeps_the_test_copy(tmp_path, paths, train_first, same_name):
+    from tasks import split
+    from tasks.core.config import SplitConfig
+    from tasks.core.io import read_raw_thumbs
+
+    train_name, test_name = _names(train_first, same_name)
+    root = tmp_path / "src"
+    for sub in ("train/cat", "train/dog", "test/cat", "test/dog"):
+        (root / sub).mkdir(parents=True)
+    data = encode(pattern(500, 32))
+    (root / "train" / "cat" / train_name).write_bytes(data)
+    (root / "test" / "cat" / test_name).write_bytes(data)
+    for k in range(6):
+        (root / "train" / ("cat", "dog")[k % 2] / f"t{k}.png").write_bytes(encode(pattern(510 + k, 32)))
+    for k in range(3):
+        (root / "test" / ("cat", "dog")[k % 2] / f"s{k}.png").write_bytes(encode(pattern(520 + k, 32)))
+    train_uri, test_uri = f"train/cat/{train_name}", f"test/cat/{test_name}"
+    order = sorted([train_uri, test_uri], key=_uri_key)
+    assert order[0] == (train_uri if train_first else test_uri)
+
+    # two rows per part: a copy met late replaces a row already written to an earlier part
+    r = ingest.run(IngestConfig(source=str(root), workers=1, part_rows=2), paths)
+    assert r.found == 11 and r.ingested == 10 and r.reject_counts == {"duplicate_bytes": 1}
+    items, rejects = _tables(paths)
+    assert train_uri not in items and set(rejects) == {train_uri}
+    kept = items[test_uri]
+    assert kept["id"] == hashlib.sha256(data).hexdigest() and kept["source_split"] == "test"
+    assert kept["label"] == "cat"
+    rej = rejects[train_uri]
+    assert (rej["reason"], rej["source_split"], rej["duplicate_of"], rej["label"]) == \
+        ("duplicate_bytes", "train", kept["id"], "cat")
+    assert f"from {test_uri} (test copy kept, this train copy dropped)" in rej["detail"]
+    raw = pq.read_table(paths.raw_items).to_pylist()
+    assert [row["image"] for row in raw if row["id"] == kept["id"]] == [data]
+    assert len(read_raw_thumbs(paths.raw_items)) == len(raw) == 10
+
+    # split: the folded copy is a cross-split pair of the report; under `fail` it stops the stage
+    split.run(SplitConfig(), paths)
+    report = json.loads(Path(paths.leakage_report).read_text())
+    (pair,) = [p for p in report["pairs"] if p["check"] == "exact_bytes"]
+    assert pair["cross_source_split"] and pair["score"] == 1.0
+    assert (pair["a"]["uri"], pair["a"]["source_split"], pair["a"]["split"]) == (test_uri, "test", "test")
+    assert (pair["b"]["uri"], pair["b"]["source_split"]) == (train_uri, "train")
+    assert pair["a"]["id"] == pair["b"]["id"] == kept["id"]
+    assert report["links"]["exact_bytes_cross_split"] == 1
+    Path(paths.split_manifest).unlink()
+    with pytest.raises(split.LeakageError) as info:
+        split.run(SplitConfig(cross_split_duplicates="fail"), paths)
+    assert f"  {train_uri} (train) ~ {test_uri}\n" in str(info.value)
+    assert not Path(paths.split_manifest).exists()
