@@ -205,8 +205,11 @@ def read_raw_meta(raw_dir: str | Path) -> pa.Table:
 
 def read_raw_thumbs(raw_dir: str | Path) -> np.ndarray:
     """The ``thumb`` column of every raw item, in ``read_raw_meta``'s order: uint8 [N, 32, 32]."""
-    chunks = []
-    for part in raw_parts(raw_dir):
+    parts = raw_parts(raw_dir)
+    rows = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+    out = np.empty((sum(rows), THUMB, THUMB), np.uint8)  # filled part by part: one copy in memory, not three
+    at = 0
+    for part, n in zip(parts, rows):
         if "thumb" not in pq.read_schema(part).names:
             raise DataError(f"{part}: raw items without the 'thumb' column (written by an older keel ingest); "
                             "re-run `keel ingest` (`dvc repro` does, since the ingest code changed)")
@@ -221,10 +224,9 @@ def read_raw_thumbs(raw_dir: str | Path) -> np.ndarray:
         for chunk in fixed.chunks:
             data = np.frombuffer(chunk.buffers()[1], np.uint8)
             start = chunk.offset * THUMB * THUMB
-            chunks.append(data[start:start + len(chunk) * THUMB * THUMB])
-    if not chunks:
-        return np.zeros((0, THUMB, THUMB), np.uint8)
-    return np.concatenate(chunks).reshape(-1, THUMB, THUMB)
+            out[at:at + len(chunk)] = data[start:start + len(chunk) * THUMB * THUMB].reshape(-1, THUMB, THUMB)
+            at += len(chunk)
+    return out
 
 
 def iter_raw_batches(raw_dir: str | Path, columns: list[str] | None = None,

@@ -118,7 +118,7 @@ def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return _separable(x.astype(np.float32, copy=False), _gauss_matrix(x.shape[1], float(sigma)))
 
 
-def descriptors(thumbs: np.ndarray, batch: int = 65536) -> np.ndarray:
+def descriptors(thumbs: np.ndarray, batch: int = 8192) -> np.ndarray:
     """float32 [N, 64]: blurred 8x8 cell means, zero mean, unit length (zeros for flat thumbnails)."""
     n = len(thumbs)
     out = np.zeros((n, 64), np.float32)
@@ -327,11 +327,19 @@ def verify(ta: np.ndarray, tb: np.ndarray, params: Params, how: np.ndarray | Non
     return passed, ncc, detail, names
 
 
+def _flat(thumbs: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """Thumbnails with standard deviation under FLAT_STD, in batches (a float copy of 600k thumbnails is 5 GB)."""
+    out = np.zeros(len(thumbs), bool)
+    for s in range(0, len(thumbs), batch):
+        out[s:s + batch] = thumbs[s:s + batch].reshape(-1, THUMB * THUMB).astype(np.float32).std(axis=1) < FLAT_STD
+    return out
+
+
 def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None, threads: int | None = None) -> Found:
     """All verified near-duplicate pairs among N thumbnails (uint8 [N, 32, 32])."""
     t0 = time.perf_counter()
     n = len(thumbs)
-    flat = thumbs.reshape(n, -1).std(axis=1) < FLAT_STD if n else np.zeros(0, bool)
+    flat = _flat(thumbs)
     live = np.flatnonzero(~flat)
     desc = descriptors(thumbs[live])
     cand, stats = candidates(desc, params.neighbours, params.min_candidate_similarity, log)

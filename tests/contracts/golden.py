@@ -4,9 +4,12 @@ the train stage must keep bit-for-bit through any restructuring.
 Everything goes through the CLI contract (``python -m tasks.cli <stage> --params FILE``, torchrun for the
 two-process run), so the same script measures any layout of ``tasks/``. Record once before a refactor:
 
-    python -m tests.contracts.golden --record        # writes tests/contracts/golden.json
+    python -m tests.contracts.golden --record        # writes this CPU's entry of tests/contracts/golden.json
 
-``tests/contracts/test_golden.py`` reruns them and compares.
+``tests/contracts/test_golden.py`` reruns them and compares.  Bit-for-bit weights are a property of the CPU too
+(torch picks kernels by instruction set: the same code gave other weights on an AMD EPYC / AVX2 machine than on the
+Intel Xeon the first record was made on), so golden.json holds one record per CPU model (``cpu_key``); on a CPU
+without a record the test skips and says how to make one.
 """
 from __future__ import annotations
 
@@ -98,6 +101,23 @@ def run_all(work: Path, names: list[str] | None = None) -> dict[str, dict[str, s
     return out
 
 
+def cpu_key() -> str:
+    """The CPU model name, as /proc/cpuinfo gives it (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def records() -> dict[str, dict]:
+    return json.loads(GOLDEN.read_text())["by_cpu"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--record", action="store_true", help=f"write {GOLDEN.relative_to(REPO)}")
@@ -106,7 +126,12 @@ def main() -> int:
         got = run_all(Path(d))
     print(json.dumps(got, indent=2))
     if args.record:
-        GOLDEN.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+        import torch
+
+        data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"by_cpu": {}}
+        data["by_cpu"][cpu_key()] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                     "torch": torch.__version__, "runs": got}
+        GOLDEN.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return 0
 
 
