@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.data_stages import git_info, machine_info, measure, versions  # noqa: E402
+from bench.data_stages import git_info, machine_info, measure, versions
 
 
 def run_size(parts: list[Path], work: Path) -> dict:
@@ -34,7 +34,7 @@ def run_size(parts: list[Path], work: Path) -> dict:
     paths = Paths(raw_items=str(raw), rejects=str(work / "raw" / "rejects.parquet"),
                   split_manifest=str(work / "split" / "manifest.parquet"),
                   leakage_report=str(work / "leakage.json"), leakage_picture=str(work / "leakage.png"))
-    stats, result = measure(lambda: split.run(SplitConfig(), paths), lambda r: sum(r.counts.values()) + r.excluded)
+    stats, _result = measure(lambda: split.run(SplitConfig(), paths), lambda r: sum(r.counts.values()) + r.excluded)
     stats["near_duplicate_search"] = json.loads(Path(paths.leakage_report).read_text())["near_duplicate_search"]
     return stats
 
