@@ -12,8 +12,6 @@ import pyarrow as pa
 
 from tasks.core import dedup, neardup
 
-KINDS = ("group", "exact_pixels", "near")
-
 
 @dataclass
 class Links:

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from tasks import split
 from tasks.core import io, neardup
@@ -27,23 +26,12 @@ from tasks.core.imaging import decode, features, to_gray
 from tasks.split import report as report_mod
 from tasks.split.stage import params_of
 from tests.conftest import encode
+from tests.support.pictures import canvas, crop
 
 P = neardup.Params()
 
 
 # ---------------------------------------------------------------- pictures
-def canvas(seed: int, size: int = 40, sigma: float = 2.5) -> np.ndarray:
-    """A smooth random grey picture, 30..220 (blobs and edges at the scales of a small photo)."""
-    x = gaussian_filter(np.random.default_rng(seed).normal(size=(size, size)), sigma)
-    x = (x - x.min()) / (x.max() - x.min())
-    return (30 + 190 * x).astype(np.uint8)
-
-
-def crop(c: np.ndarray, dy: int = 0, dx: int = 0, s: int = 32) -> np.ndarray:
-    o = (c.shape[0] - s) // 2
-    return np.ascontiguousarray(c[o + dy:o + dy + s, o + dx:o + dx + s])
-
-
 def picture(seed: int) -> np.ndarray:
     return crop(canvas(seed))
 

@@ -6,25 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from tasks.core import io, neardup
 from tasks.core.errors import DataError
+from tests.support.pictures import canvas, crop
 
 P = neardup.Params()
-
-
-def canvas(seed: int, size: int = 40, sigma: float = 2.5) -> np.ndarray:
-    """A smooth random grey picture (blurred noise: blobs and edges at photo-like scales), 30..220."""
-    x = gaussian_filter(np.random.default_rng(seed).normal(size=(size, size)), sigma)
-    x = (x - x.min()) / (x.max() - x.min())
-    return (30 + 190 * x).astype(np.uint8)
-
-
-def crop(c: np.ndarray, dy: int = 0, dx: int = 0, s: int = 32) -> np.ndarray:
-    """The s x s window of c, centred, moved by (dy, dx): a real translation (no wrap-around)."""
-    o = (c.shape[0] - s) // 2
-    return np.ascontiguousarray(c[o + dy:o + dy + s, o + dx:o + dx + s])
 
 
 def resized(a: np.ndarray, s: int = 32) -> np.ndarray:
