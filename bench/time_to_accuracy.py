@@ -166,7 +166,7 @@ def keel_arm(params, target: float) -> dict:
     t = time.perf_counter()
     ev = evaluate.run(params.evaluate, paths)
     eval_s = time.perf_counter() - t
-    run_info = torch.load(Path(paths.models_dir) / "best.pt", map_location="cpu", weights_only=False)["run_info"]
+    run_info = torch.load(Path(paths.models_dir) / "best.pt", map_location="cpu", weights_only=True)["run_info"]
     n_train = _rows(paths.shards_dir, "train")
     steps_per_epoch = max(1, result.steps // max(1, result.epochs_run))
     epoch_s = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}] + clock.curve, clock.curve)]

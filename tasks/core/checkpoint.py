@@ -1,16 +1,23 @@
 """The one way keel writes and reads a checkpoint (best.pt, last.pt, an init checkpoint, served weights).
 
 ``save`` is atomic (temp file, then rename: a killed process never leaves a half-written checkpoint that looks
-finished). ``load`` uses torch's safe loader (``weights_only=True``) unless the caller passes
-``unpickle=True``. The callers that still pass it are listed by ``grep -rn unpickle=True tasks``. They exist
-because last.pt holds NumPy/Python RNG state and best.pt's ``run_info`` may hold objects outside the safe
-allow-list. Making those safe too means storing plain types and then removing the flag; keeping the flag in this
-one module keeps that work in one place.
+finished). ``load`` only ever uses torch's safe loader (``weights_only=True``): a checkpoint holds tensors and
+plain values (dicts, lists, numbers, strings), never a pickled object. Unpickling runs whatever code the file
+names, and a checkpoint may come from a user, a colleague or a DVC remote, so keel has no unsafe path at all: a
+file the safe loader refuses is an :class:`UnsafeCheckpointError` naming the file and what it tried to load.
+Everything keel itself saves is plain by construction (RNG states are stored as tensors and lists of ints:
+``tasks.train.callbacks.last_checkpoint.rng_state``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from tasks.core.errors import DataError
+
+
+class UnsafeCheckpointError(DataError):
+    """torch's safe loader refused the file: it holds pickled Python objects, not only tensors and plain values."""
 
 
 def save(path: str | Path, blob: Any) -> None:
@@ -22,19 +29,23 @@ def save(path: str | Path, blob: Any) -> None:
         torch.save(blob, tmp)
 
 
-def load(path: str | Path, map_location: Any = "cpu", *, unpickle: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=not unpickle``; ``unpickle=True`` runs arbitrary pickled code."""
-    import torch
-
-    return torch.load(path, map_location=map_location, weights_only=not unpickle)
-
-
-def load_with_fallback(path: str | Path, map_location: Any = "cpu") -> Any:
-    """The safe loader first; the full unpickler only for a file the safe loader refuses (an older keel
-    checkpoint with objects outside its allow-list)."""
+def load(path: str | Path, map_location: Any = "cpu", *, what: str = "checkpoint") -> Any:
+    """``torch.load(..., weights_only=True)``; a refusal becomes an :class:`UnsafeCheckpointError`."""
     import pickle
 
+    import torch
+
     try:
-        return load(path, map_location)
-    except pickle.UnpicklingError:
-        return load(path, map_location, unpickle=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message names the offending global ("Unsupported global: GLOBAL posix.system ...") and then
+        # suggests weights_only=False: keep the first, never the second
+        said = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()),
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__).split(". Please")[0]
+        said = said.removeprefix("WeightsUnpickler error: ")
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load this {what}: it holds pickled Python objects, not only tensors and plain "
+            f"values (torch's safe loader said: {said[:300]}). keel never unpickles a checkpoint, because "
+            "unpickling runs whatever code the file names. If you made it: save tensors only, e.g. "
+            "torch.save(model.state_dict(), path); a keel checkpoint from before safe checkpoints: delete it and "
+            "re-run `keel train`.") from None

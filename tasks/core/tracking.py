@@ -20,17 +20,22 @@ How each call shows up in the MLflow UI:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote, urlparse
+
+from tasks.core.secrets import redact
 
 MAX_PARAM_VAL_LENGTH = 6000      # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VAL_LENGTH = 8000        # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -171,7 +176,8 @@ class MlflowLogger:
         else:
             self.experiment_id = self._experiment_id(experiment, artifact_location)
             run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                         tags={_sanitize_key(k): _truncate_tag(v) for k, v in (tags or {}).items()})
+                                         tags={_sanitize_key(k): _truncate_tag(v)
+                                               for k, v in redact(dict(tags or {})).items()})
         self.run_id: str = run.info.run_id
         self.run_name: str = run.info.run_name
         self.artifact_uri: str = run.info.artifact_uri
@@ -224,6 +230,7 @@ class MlflowLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        params = redact(params)  # a tracking URI or S3 endpoint in the config must not carry its password here
         flat = flatten_params(params)
         full = _untruncated(params)
         new = {k: v for k, v in flat.items() if k not in self._logged}
@@ -254,8 +261,9 @@ class MlflowLogger:
             self.flush()
 
     def log_event(self, name: str, detail: str, step: int) -> None:
+        detail = redact(str(detail))
         self._events.append(json.dumps({"time": time.time(), "step": int(step), "name": str(name),
-                                        "detail": str(detail)}))
+                                        "detail": detail}))
         self.log_metrics({"events_count": float(len(self._events))}, step=max(int(step), 0))
         self.set_tags({"last_event": f"step {step}: [{name}] {detail}"})  # flushes the metric above too
 
@@ -272,7 +280,7 @@ class MlflowLogger:
         from mlflow.entities import RunTag
 
         self.flush()
-        items = [RunTag(_sanitize_key(k), _truncate_tag(v)) for k, v in tags.items()]
+        items = [RunTag(_sanitize_key(k), _truncate_tag(v)) for k, v in redact(dict(tags)).items()]
         for batch in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=batch, synchronous=True)
 
@@ -291,7 +299,12 @@ class MlflowLogger:
                 self.client.log_dict(self.run_id, self._params, PARAMS_ARTIFACT)
         finally:
             self._closed = True
-            self.client.set_terminated(self.run_id, status=status)
+            # MLflow prints "View run ... at: <tracking URI>" here, password included: print it redacted
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said):
+                self.client.set_terminated(self.run_id, status=status)
+            if said.getvalue():
+                sys.stdout.write(redact(said.getvalue()))
 
     # ---- extras -------------------------------------------------------------------------------------------
     def flush(self) -> None:

@@ -227,7 +227,7 @@ def _compare(cfg: ReproduceConfig, client, uri: str, mv, tags: dict, wt: Path, w
              paths: Paths, work: Path) -> dict:
 
     best = wt / wt_paths.models_dir / "best.pt"
-    blob = checkpoint.load(best, unpickle=True)
+    blob = checkpoint.load(best, what="retrained best checkpoint")
     new_sha = lineage.model_sha256(blob["model"], blob["model_name"])
     old_sha = tags[f"{TAG}model_sha256"]
     identical = new_sha == old_sha
@@ -266,7 +266,7 @@ def _weight_delta(uri: str, mv, state: dict, work: Path) -> dict:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
                                                              dst_path=str(work / "registered")))
         found = next(local.rglob("weights.pt"))
-        old = checkpoint.load(found)
+        old = checkpoint.load(found, what="registered weights")
     except Exception as exc:  # noqa: BLE001 - the delta is extra evidence; the sha comparison is the verdict
         return {"max_abs_weight_delta": None, "weight_delta_error": f"{type(exc).__name__}: {exc}"}
     diffs = {k: float((state[k].float() - old[k].float()).abs().max()) for k in state

@@ -19,7 +19,9 @@ def load_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise EvaluateError(f"{path}: no best checkpoint; run `keel train` first (or `dvc repro train`)")
     try:
-        blob = checkpoint.load_with_fallback(path)
+        blob = checkpoint.load(path, what="best checkpoint")
+    except checkpoint.UnsafeCheckpointError as exc:
+        raise EvaluateError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
         raise EvaluateError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
                             "re-run `keel train` (or `dvc checkout` to restore it)") from None

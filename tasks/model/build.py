@@ -67,7 +67,10 @@ def load_init_checkpoint(model: nn.Module, path: Path) -> dict:
     the classifier is left freshly initialised when its shape differs (a different class set)."""
     if not path.exists():
         raise ModelConfigError(f"train.init_checkpoint: {path} does not exist")
-    blob = checkpoint.load(path, unpickle=True)
+    try:
+        blob = checkpoint.load(path, what="init checkpoint")
+    except checkpoint.UnsafeCheckpointError as e:
+        raise ModelConfigError(f"train.init_checkpoint: {e}") from None
     state = blob.get("model", blob) if isinstance(blob, dict) else blob
     own = model.state_dict()
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -20,7 +20,9 @@ def load_candidate(paths: Paths) -> Candidate:
     if not best.is_file():
         raise RegisterError(f"{best}: no checkpoint; run `keel train` (dvc repro train) first")
     try:
-        blob = checkpoint.load(best)
+        blob = checkpoint.load(best, what="best checkpoint")
+    except checkpoint.UnsafeCheckpointError as exc:
+        raise RegisterError(str(exc)) from None
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # corrupt / foreign file
         raise RegisterError(f"{best}: unreadable checkpoint ({type(exc).__name__}: {exc}); re-run `keel train`") \
             from None

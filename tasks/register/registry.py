@@ -6,11 +6,11 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from urllib.parse import urlparse, urlunparse
 
 from tasks.core import tracking
 from tasks.core.config import RegisterConfig
 from tasks.core.retry import transient_cause, transient_exception
+from tasks.core.secrets import redact_uri
 from tasks.register.records import CHAMPION, TAG, Champion, RegisterError
 
 # MLflow's own HTTP retries (7 by default, minutes of backoff) would hide an unreachable server behind a long
@@ -41,10 +41,10 @@ class Registry:
                 if attempt + 1 < attempts:
                     time.sleep(self.cfg.retry_backoff_s * 2 ** attempt)
         raise RegisterError(
-            f"MLflow tracking server {redact(self.uri)} unreachable: {what} failed {attempts} time(s) "
+            f"MLflow tracking server {redact_uri(self.uri)} unreachable: {what} failed {attempts} time(s) "
             f"(register.retries={self.cfg.retries}, backoff from {self.cfg.retry_backoff_s:g} s): "
             f"{_first_line(last)}. Check that the server is running and reachable from here "
-            f"(curl {redact(self.uri)}/health), that MLFLOW_TRACKING_URI is the one intended, and any proxy "
+            f"(curl {redact_uri(self.uri)}/health), that MLFLOW_TRACKING_URI is the one intended, and any proxy "
             f"settings (NO_PROXY); the registry was not changed by this attempt.") from None
 
     def registered_model(self, name: str):
@@ -177,15 +177,6 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
 
     with use(uri):
         yield
-
-
-def redact(uri: str) -> str:
-    """The URI without a password (http://user:secret@host -> http://user:***@host)."""
-    p = urlparse(uri)
-    if p.password is None:
-        return uri
-    netloc = f"{p.username}:***@{p.hostname}" + (f":{p.port}" if p.port else "")
-    return urlunparse(p._replace(netloc=netloc))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,9 +8,9 @@ from typing import Any
 
 from tasks.core import io
 from tasks.core.config import Paths
+from tasks.core.secrets import redact_uri
 from tasks.core.text import fmt
 from tasks.register.records import CHAMPION, SERVE_PORT, TAG, Candidate, Champion, RegisterResult, short
-from tasks.register.registry import redact
 
 
 def champion_uri(name: str) -> str:
@@ -26,7 +26,7 @@ def description(name: str, uri: str, cand: Candidate, tags: dict) -> str:
     return (f"keel image classifier ({cand.blob['model_name']}, {len(classes)} classes), test accuracy "
             f"{float(cand.test['test_accuracy']):.4f}, macro F1 {float(cand.test['test_macro_f1']):.4f} "
             f"({tags[f'{TAG}test_ledger']}); {_dedup_words(cand.test)}; lineage in the keel.* tags.\n\n"
-            f"Serve: `MLFLOW_TRACKING_URI={redact(uri)} {serve_command(name)}`\n\n"
+            f"Serve: `MLFLOW_TRACKING_URI={redact_uri(uri)} {serve_command(name)}`\n\n"
             "Request: POST /invocations, Content-Type: application/json, "
             '`{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a PNG/JPEG file>"]]}}` '
             "(one row per image). Answer: label, label_index, probability, probabilities (in class order). "
@@ -52,7 +52,7 @@ def write_report(paths: Paths, result: RegisterResult, cand: Candidate, champion
         "aliases": result.aliases,
         "model_uri": result.model_uri,
         "version_uri": f"models:/{result.model_name}/{result.version}" if result.version else None,
-        "tracking_uri": redact(uri),
+        "tracking_uri": redact_uri(uri),
         "run_id": result.run_id,
         "candidate": {"model_sha256": cand.model_sha256, "manifest_sha256": cand.manifest_sha256,
                       "model": cand.blob["model_name"],
@@ -63,7 +63,9 @@ def write_report(paths: Paths, result: RegisterResult, cand: Candidate, champion
         "champion_before": asdict(champion) if champion else None,
         "tags": result.tags,
         "tag_drift": result.tag_drift,
-        "serve": {"command": serve_command(result.model_name), "env": {"MLFLOW_TRACKING_URI": redact(uri)},
+        # the model is logged as code (tasks/serving/model_code.py): serving can refuse every pickle
+        "serve": {"command": serve_command(result.model_name),
+                  "env": {"MLFLOW_TRACKING_URI": redact_uri(uri), "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
                   "request": {"method": "POST", "path": "/invocations", "content_type": "application/json",
                               "body": {"dataframe_split": {"columns": ["image"],
                                                            "data": [["<base64 of an encoded image>"]]}}}},
@@ -89,7 +91,8 @@ def print_result(result: RegisterResult, cand: Candidate, champion: Champion | N
         lines += [(f"register: {verb} {result.model_name} version {result.version} "
                    f"(aliases: {', '.join('@' + a for a in result.aliases) or 'none'})"),
                   f"  report: {result.report_path}",
-                  f"  serve:  MLFLOW_TRACKING_URI={redact(result.tracking_uri)} {serve_command(result.model_name)}"]
+                  (f"  serve:  MLFLOW_TRACKING_URI={redact_uri(result.tracking_uri)} "
+                   f"MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false {serve_command(result.model_name)}")]
     print("\n".join(lines))
 
 

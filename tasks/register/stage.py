@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tasks.core import tracking
 from tasks.core.config import Paths, RegisterConfig
+from tasks.core.secrets import redact_uri
 from tasks.register import report
 from tasks.register.candidate import example_images, lineage_tags, load_candidate
 from tasks.register.gate import gate
@@ -22,7 +23,7 @@ from tasks.register.records import (
     RegisterResult,
     is_number,
 )
-from tasks.register.registry import Registry, http_limits, redact, use_tracking_uri
+from tasks.register.registry import Registry, http_limits, use_tracking_uri
 
 
 def run(cfg: RegisterConfig, paths: Paths, tracking_uri: str | None = None) -> RegisterResult:
@@ -37,7 +38,7 @@ def run(cfg: RegisterConfig, paths: Paths, tracking_uri: str | None = None) -> R
         try:
             return _register(cfg, paths, cand, reg)
         except MlflowException as exc:
-            raise RegisterError(f"MLflow at {redact(uri)} refused a registry call: {exc.message}") from exc
+            raise RegisterError(f"MLflow at {redact_uri(uri)} refused a registry call: {exc.message}") from exc
 
 
 def _register(cfg: RegisterConfig, paths: Paths, cand: Candidate, reg: Registry) -> RegisterResult:

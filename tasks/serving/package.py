@@ -15,7 +15,9 @@ from PIL import Image
 from tasks.core import checkpoint
 from tasks.serving.inputs import IMAGE_COLUMN
 from tasks.serving.model import spec_from_checkpoint
-from tasks.serving.pyfunc import SPEC_ARTIFACT, WEIGHTS_ARTIFACT, pyfunc_class
+from tasks.serving.pyfunc import SPEC_ARTIFACT, WEIGHTS_ARTIFACT
+
+MODEL_CODE = "serving/model_code.py"  # the models-from-code script, relative to the staged tasks package
 
 # What load_context imports (tasks.serving -> tasks.core.imaging, tasks.model.build -> tasks.core.config,
 # tasks.train.data -> tasks.core.io), pinned to the versions installed here.  torchvision: timm imports it.
@@ -67,8 +69,9 @@ def _stage_code(dest: Path) -> Path:
 def package(blob: dict, workdir: str | Path, *, max_image_bytes: int, max_pixels: int,
             example_images: Sequence[bytes]) -> dict:
     """Everything ``mlflow.pyfunc.save_model`` / ``log_model`` needs for a ``best.pt`` blob, as keyword arguments
-    (python_model, artifacts, code_paths, signature, input_example, pip_requirements).  Files are staged under
-    ``workdir``, which must outlive the save/log call."""
+    (python_model, artifacts, code_paths, signature, input_example, pip_requirements).  ``python_model`` is the
+    path of the staged ``tasks/serving/model_code.py``: MLflow's models-from-code, no pickled object in the
+    model.  Files are staged under ``workdir``, which must outlive the save/log call."""
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -78,10 +81,11 @@ def package(blob: dict, workdir: str | Path, *, max_image_bytes: int, max_pixels
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     if not example_images:
         raise ValueError("example_images: give at least one encoded image for the input example")
+    code = _stage_code(work / "code")
     return {
-        "python_model": pyfunc_class()(),
+        "python_model": str(code / MODEL_CODE),
         "artifacts": {WEIGHTS_ARTIFACT: str(weights), SPEC_ARTIFACT: str(spec_path)},
-        "code_paths": [str(_stage_code(work / "code"))],
+        "code_paths": [str(code)],
         "signature": signature(),
         "input_example": input_example(example_images),
         "pip_requirements": pip_requirements(),

@@ -1,8 +1,9 @@
 """The MLflow ``PythonModel`` wrapper around :class:`~tasks.serving.model.ImageClassifier`, created lazily.
 
-The class is published as ``tasks.serving.KeelImageClassifier``: cloudpickle stores it by that reference (the
-pickle in the model holds no code), and loading imports ``tasks.serving`` from the model's ``code/`` folder, whose
-``__getattr__`` creates it here.  Keep that name: it is what every registered model's ``python_model.pkl`` names.
+A registered model is logged as models-from-code (``tasks/serving/model_code.py`` builds one instance and hands
+it to ``mlflow.models.set_model``): no pickled object.  The class is still published as
+``tasks.serving.KeelImageClassifier``, the name that models registered before that change carry in their
+``python_model.pkl`` (cloudpickle stored it by reference), so they keep loading where pickles are allowed.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ _PYFUNC_CLASS = None
 def pyfunc_class() -> type:
     """The ``mlflow.pyfunc.PythonModel`` subclass, created on first use (importing MLflow only then).
 
-    It is registered as ``tasks.serving.KeelImageClassifier`` so cloudpickle stores it by reference: the pickle in
-    the model holds no code, and loading imports this package from the model's ``code/`` folder.
+    It is published as ``tasks.serving.KeelImageClassifier`` (see the module docstring).
     """
     global _PYFUNC_CLASS
     if _PYFUNC_CLASS is not None:

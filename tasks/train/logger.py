@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from tasks.core.secrets import redact
+
 
 class MetricLogger(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -43,7 +45,7 @@ class JsonlLogger:
 
     def _write(self, rec: dict) -> None:
         rec["time"] = time.time()
-        self._f.write(json.dumps(rec) + "\n")
+        self._f.write(json.dumps(redact(rec)) + "\n")
 
     def log_params(self, params):
         self._write({"kind": "params", "params": params})
@@ -54,7 +56,7 @@ class JsonlLogger:
     def log_event(self, name, detail, step):
         self._write({"kind": "event", "step": step, "name": name, "detail": detail})
         if self.echo is not None:
-            print(f"train: [{name}] step {step}: {detail}", file=self.echo, flush=True)
+            print(f"train: [{name}] step {step}: {redact(str(detail))}", file=self.echo, flush=True)
 
     def log_artifact(self, path):
         self._write({"kind": "artifact", "path": str(path)})

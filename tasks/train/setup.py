@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tasks.core import io, lineage, runtime
+from tasks.core.secrets import redact
 from tasks.model import build as tmodel
 from tasks.model import views
 from tasks.train import data as tdata
@@ -129,4 +130,5 @@ def build(cfg, paths, logger, dist: Dist, precision: str) -> Trainer:
                    resume_key=resume_key(cfg, data_versions, dist.world), preprocessing=preprocessing,
                    run_info=run_info, announce=announce,
                    tracking={"tracking_run_id": getattr(logger, "run_id", None),
-                             "tracking_uri": getattr(logger, "tracking_uri", None)})
+                             # never the password: run_info goes into best.pt/last.pt, params and events
+                             "tracking_uri": redact(getattr(logger, "tracking_uri", None))})

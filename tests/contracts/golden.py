@@ -75,7 +75,7 @@ def _sha(path: Path) -> str:
     except ImportError:  # the layout before the restructuring
         from tasks.lineage import model_sha256
     # our own files from this run (last.pt holds NumPy RNG state, which the safe loader refuses today)
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     return model_sha256(blob["model"], blob["run_info"]["config"]["model"])
 
 

@@ -31,7 +31,7 @@ def eval_paths(p, root: Path, **update):
 
 
 def checkpoint(p) -> dict:
-    return torch.load(Path(p.models_dir) / "best.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(p.models_dir) / "best.pt", map_location="cpu", weights_only=True)
 
 
 def altered_models(p, root: Path, change) -> str:

@@ -189,6 +189,7 @@ def test_register_then_again_is_idempotent(server, base, tmp_path, quiet_mlflow)
     assert report["model_uri"] == "models:/digits-a@champion"
     assert report["serve"]["command"] == "mlflow models serve -m models:/digits-a@champion --env-manager local -p 5001"
     assert report["serve"]["env"]["MLFLOW_TRACKING_URI"] == server.uri
+    assert report["serve"]["env"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"  # the model is logged as code
     assert report["gate"]["passed"] and report["tags"] == dict(tags)
     assert report["candidate"]["test_accuracy_dedup"] == metrics["test_accuracy_dedup"]
     assert report["candidate"]["feature_dup_count"] == 1

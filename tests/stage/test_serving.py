@@ -122,6 +122,22 @@ def test_model_metadata_signature_and_packaging(loaded):
     assert example["dataframe_split"]["columns"] == ["image"]
 
 
+def test_model_is_logged_as_code_with_no_pickle(loaded, test_items, monkeypatch):
+    """models-from-code: the model folder holds no pickle at all, and MLflow loads it with pickles forbidden."""
+    import mlflow.pyfunc
+    import pandas as pd
+    import yaml
+
+    dest, model = loaded
+    assert not [p for p in dest.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    flavor = yaml.safe_load((dest / "MLmodel").read_text())["flavors"]["python_function"]
+    assert "python_model" not in flavor and flavor["model_code_path"].endswith("model_code.py")
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    strict = mlflow.pyfunc.load_model(str(dest))
+    cells = pd.DataFrame({"image": pd.Series(test_items[3][:3], dtype=object)})
+    assert strict.predict(cells)["label"].tolist() == model.predict(cells)["label"].tolist()
+
+
 def _bad(model, cells):
     import pandas as pd
     from mlflow.exceptions import MlflowException

@@ -32,7 +32,7 @@ def train_paths(p, root: Path):
 
 
 def weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def same(a: dict, b: dict) -> bool:
@@ -62,7 +62,7 @@ def test_trains_and_writes_its_outputs(reference):
     assert lrs[-1] == pytest.approx(0.1 * 0.004 * 32 / 256, rel=0.05)  # cosine to the 10% floor
     epochs = list(csv.DictReader((root / "reports" / "epochs.csv").open()))
     assert len(epochs) == 3
-    best = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(root / "models" / "best.pt", map_location="cpu", weights_only=True)
     assert best["val_accuracy"] == max(float(e["val_accuracy"]) for e in epochs)
     assert best["index"]["classes"] == [str(i) for i in range(10)]
     assert (root / "reports" / "curves.png").stat().st_size > 10_000
@@ -185,7 +185,7 @@ def test_two_process_fsdp_matches_one_process_and_writes_plain_checkpoints(digit
                                               "effective_batch": 32})  # + accumulation x2 (no-sync micro-steps)
     trace = _one_vs_two_processes(one, two, tmp_path)
     assert len(trace["two"]) == 8 and trace["two"] == pytest.approx(trace["one"], rel=1e-4, abs=1e-5)
-    best = torch.load(tmp_path / "two/models/best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(tmp_path / "two/models/best.pt", map_location="cpu", weights_only=True)
     assert all(type(t) is torch.Tensor for t in best["model"].values())  # gathered, not DTensor shards
     ref = weights(tmp_path / "one/models/best.pt")  # the 1-process weights, up to float summation order
     assert best["model"].keys() == ref.keys()
@@ -268,7 +268,7 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_matches(reference, digits_pipe
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    ck = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=True)
     assert ck["state"]["next_batch"] > 0 and ck["state"]["epoch"] == 0  # a mid-epoch checkpoint
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "resuming at step" in r.stderr, r.stderr
@@ -461,7 +461,7 @@ def test_whitened_stem_bias_lr_and_test_time_views_agree_across_train_evaluate_a
     first = tdata.first_images(p.shards_dir, "train", WHITEN_IMAGES, torch.device("cpu"))
     assert len(first) == min(WHITEN_IMAGES, index.rows("train"))
     report = ref.whiten_stem(views.Normalize(index.mean, index.std)(first))
-    best = torch.load(tmp_path / "models/best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(tmp_path / "models/best.pt", map_location="cpu", weights_only=True)
     assert torch.allclose(best["model"]["stem.0.weight"], ref.stem[0].weight, atol=1e-6)
     assert best["model"]["stem.0.bias"].abs().sum() > 0  # the stem's bias trains
     params = json.loads((tmp_path / "reports/events.jsonl").read_text().splitlines()[0])["params"]
@@ -469,7 +469,7 @@ def test_whitened_stem_bias_lr_and_test_time_views_agree_across_train_evaluate_a
 
     # BatchNorm shifts get 64x the learning rate of the other no-decay parameters
     groups = {g["name"]: g for g in torch.load(tmp_path / "models/last.pt", map_location="cpu",
-                                               weights_only=False)["optimizer"]["param_groups"]}
+                                               weights_only=True)["optimizer"]["param_groups"]}
     assert groups["backbone_no_decay_norm_bias"]["initial_lr"] == pytest.approx(
         64 * groups["backbone_no_decay"]["initial_lr"])
     n_norms = sum(1 for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d))

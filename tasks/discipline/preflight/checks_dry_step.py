@@ -93,7 +93,7 @@ def _read_checkpoints(models_dir: Path, out: dict) -> None:
     best, last = models_dir / "best.pt", models_dir / "last.pt"
     out["best_pt"], out["last_pt"] = best.is_file(), last.is_file()
     if best.is_file():
-        blob = checkpoint.load(best, unpickle=True)
+        blob = checkpoint.load(best, what="best checkpoint")
         out["best_keys"] = sorted(k for k in blob if k != "model")
         out["run_info"] = {k: blob["run_info"].get(k) for k in RUN_INFO_KEYS}
         out["run_info"]["config_seed"] = blob["run_info"].get("config", {}).get("seed")

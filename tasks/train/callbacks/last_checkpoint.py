@@ -14,16 +14,24 @@ from tasks.train.callbacks import Callback
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG as tensors and plain values, so last.pt loads with torch's safe loader (no pickled objects)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    py, npy = s["python"], s["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(s["torch"].cpu())
     if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([c.cpu() for c in s["cuda"]])
 
 
 class LastCheckpoint(Callback):
@@ -34,7 +42,7 @@ class LastCheckpoint(Callback):
             self.restore(t)
 
     def restore(self, t) -> None:
-        ck = checkpoint.load(t.last_path, t.dist.device, unpickle=True)
+        ck = checkpoint.load(t.last_path, t.dist.device, what="resume checkpoint (last.pt)")
         if ck.get("resume_key") != t.resume_key:
             if t.dist.master:
                 print(f"train: {t.last_path} is from a different config or data version; starting fresh",
