@@ -118,6 +118,28 @@ def records() -> dict[str, dict]:
     return json.loads(GOLDEN.read_text())["by_cpu"]
 
 
+def record_key() -> str:
+    """Where this machine's record goes: the CPU model and the kernel set torch dispatches to (one EPYC model
+    name covers AVX2 and AVX-512 machines, whose kernels give different bits)."""
+    import torch
+
+    return f"{cpu_key()} [{torch.backends.cpu.get_cpu_capability()}]"
+
+
+def record_for_this_machine() -> dict | None:
+    """The record made on this CPU model with this kernel set; an older record keyed by model name alone counts
+    only if its capability matches (or was not recorded)."""
+    import torch
+
+    recs, cap = records(), torch.backends.cpu.get_cpu_capability()
+    if record_key() in recs:
+        return recs[record_key()]
+    rec = recs.get(cpu_key())
+    if rec is not None and (rec["cpu_capability"] == cap or rec["cpu_capability"].startswith("unknown")):
+        return rec
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--record", action="store_true", help=f"write {GOLDEN.relative_to(REPO)}")
@@ -129,7 +151,7 @@ def main() -> int:
         import torch
 
         data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"by_cpu": {}}
-        data["by_cpu"][cpu_key()] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        data["by_cpu"][record_key()] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                      "torch": torch.__version__, "runs": got}
         GOLDEN.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return 0
