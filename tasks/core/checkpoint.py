@@ -38,6 +38,8 @@ def load(path: str | Path, map_location: Any = "cpu", *, what: str = "checkpoint
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():
+            raise  # not a refused object but an unreadable file (garbage, truncated): the caller's "unreadable"
         # torch's message names the offending global ("Unsupported global: GLOBAL posix.system ...") and then
         # suggests weights_only=False: keep the first, never the second
         said = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()),
