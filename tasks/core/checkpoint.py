@@ -41,7 +41,7 @@ def load(path: str | Path, map_location: Any = "cpu", *, what: str = "checkpoint
         if "global" not in str(exc).lower():
             raise  # not a refused object but an unreadable file (garbage, truncated): the caller's "unreadable"
         # torch's message names the offending global ("Unsupported global: GLOBAL posix.system ...") and then
-        # suggests weights_only=False: keep the first, never the second
+        # advises turning the safe loader off: quote the first part only
         said = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()),
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__).split(". Please")[0]
         said = said.removeprefix("WeightsUnpickler error: ")

@@ -65,8 +65,10 @@ def redact(value: Any) -> Any:
             return redact_text(v, secrets)
         if isinstance(v, dict):
             return {walk(k): walk(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(walk(x) for x in v)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, tuple):  # a plain tuple (a namedtuple's constructor takes fields, not an iterable)
+            return tuple(walk(x) for x in v)
         return v
 
     return walk(value)
