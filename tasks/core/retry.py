@@ -1,6 +1,7 @@
 """One answer to "is this failure worth retrying?", shared by the registry calls (register) and the flow's
 stage tasks (which see only a stage's stderr). Transient: the network, a throttling or overloaded server, a locked
-SQLite database. Anything else (a bug, bad input, a refused gate) is not retried: retrying it only hides it."""
+SQLite database, an expired session token (a retry picks up refreshed
+credentials). Anything else (a bug, bad input, a refused gate) is not retried: retrying it only hides it."""
 from __future__ import annotations
 
 import re
@@ -11,7 +12,8 @@ TRANSIENT = re.compile(
     r"temporary failure in name resolution|name or service not known|could not connect|"
     r"endpointconnectionerror|slow ?down|throttl|too many requests|service unavailable|internalerror|"
     r"(?:status|code|http|error)\D{0,3}(?:429|500|502|503|504)\b|\((?:429|500|502|503|504)\)|"
-    r"too many (?:429|500|502|503|504) error responses|database is locked", re.IGNORECASE)
+    r"too many (?:429|500|502|503|504) error responses|database is locked|expired ?token|token (?:has )?expired",
+    re.IGNORECASE)
 
 
 def transient_text(text: str) -> bool:

@@ -2,7 +2,10 @@
 
 Every candidate the source lists ends up in exactly one of the two tables (found = ingested + rejected); the
 stage prints that account.  Ids are content addresses (sha256 of the original bytes), so the same image under two
-names is one item: the second copy is recorded as a reject (``duplicate_bytes``) naming the kept id.
+names is one item: the second copy is recorded as a reject (``duplicate_bytes``) naming the kept id, unless the
+copies carry different labels: then no copy is ingested (``conflicting_labels``), since which label is right is
+not ingest's guess.  A source with fewer than two classes, or an S3 fetch that fails for a passing reason (after
+botocore's retries), fails the stage instead of yielding a smaller or a one-class dataset.
 Candidates are processed in a fixed pseudo-random order (by a hash of their URI): raw parts, and the shards
 cut from them, are then not sorted by class, and the result does not depend on directory listing order.
 """
@@ -41,6 +44,8 @@ REASONS = {
     "path_escapes_root": "path or symlink resolving outside the data root",
     "read_error": "the file or object could not be read",
     "duplicate_bytes": "byte-identical to an item already ingested (same id)",
+    "conflicting_labels": "byte-identical copies with different labels: none of them is ingested",
+    "hidden_file": "name starts with '.' (tool litter such as .DS_Store), never an item",
 }
 
 
@@ -68,7 +73,7 @@ def _fetch(c: sources.Candidate) -> bytes:
         with open(c.path, "rb") as f:
             return f.read()
     if _WORKER.get("s3") is None:
-        _WORKER["s3"] = sources.s3_client(_WORKER["s3_endpoint"])
+        _WORKER["s3"] = sources.s3_client(_WORKER["s3_endpoint"], **sources.FETCH)
     bucket, key = c.s3
     return _WORKER["s3"].get_object(Bucket=bucket, Key=key)["Body"].read()
 
@@ -79,6 +84,11 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
         try:
             data = _fetch(c)
         except Exception as exc:  # noqa: BLE001 - an unreadable item is a reject with the reason, never a crash
+            if c.s3 is not None:
+                client = _WORKER.get("s3")
+                transient = sources.transient_fetch_error(exc, c.uri, client.meta.endpoint_url if client else None)
+                if transient is not None:  # not this object's fault: fail the stage, the flow retries it
+                    raise transient from None
             code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code") if c.s3 else None
             reason = "missing_file" if code in ("NoSuchKey", "404") else "read_error"
             out.append((None, (reason, f"{type(exc).__name__}: {exc}")))
@@ -138,7 +148,8 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
 
     decode_kwargs = {"max_pixels": cfg.max_pixels, "allowed_formats": cfg.allowed_formats, "alpha": cfg.alpha,
                      "min_side": cfg.min_side}
-    seen: dict[str, sources.Candidate] = {}
+    seen: dict[str, sources.Candidate] = {}           # id -> the copy kept
+    copies: dict[str, list[sources.Candidate]] = {}  # id -> every copy, for ids met more than once
     ingested = 0
     progress = _Progress(len(cands))
     with io.atomic_dir(paths.raw_items) as tmp_dir:
@@ -153,6 +164,7 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
                     continue
                 first = seen.get(row["id"])
                 if first is not None:
+                    copies.setdefault(row["id"], [first]).append(c)
                     kept_c = first
                     if _RANK.get(c.source_split, 0) > _RANK.get(first.source_split, 0):
                         # a test (or val) copy of an item kept from a lower split: the test copy is the item
@@ -169,14 +181,35 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
                 writer.add(row)
                 ingested += 1
             progress.update(ingested + len(rejects), ingested, len(rejects))
+        conflicted = {i: cs for i, cs in copies.items() if len({c.label for c in cs}) > 1}
+        if conflicted:  # every copy becomes a conflicting_labels reject, in place of the duplicate_bytes ones
+            rejects[:] = [r for r in rejects if r["duplicate_of"] not in conflicted]
+            for item_id, cs in conflicted.items():
+                writer.drop(item_id)
+                del seen[item_id]
+                ingested -= 1
+                detail = _conflict_detail(item_id, cs)
+                for c in cs:
+                    reject(c, "conflicting_labels", detail)
         writer.close()
+        # inside atomic_dir: a broken account (a bug) leaves no raw table that looks finished
+        if ingested + len(rejects) != len(cands):
+            raise RuntimeError(f"ingest: internal error: the account does not balance: found {len(cands)} != "
+                               f"ingested {ingested} + rejected {len(rejects)}; some item was lost without a "
+                               "reason (a bug in keel: please report it)")
         if ingested == 0:
             _write_rejects(paths.rejects, rejects)  # the reasons are the useful part of this failure
             raise io.DataError(f"ingest: none of the {len(cands)} items from {cfg.source} could be ingested; "
                                f"see the reasons in {paths.rejects}")
+        labels = {c.label for c in seen.values()}
+        if len(labels) < 2:
+            _write_rejects(paths.rejects, rejects)
+            raise io.DataError(f"ingest: only one class: all {ingested} ingested items from {cfg.source} have "
+                               f"label {next(iter(labels))!r}; a classifier needs at least two classes. Add items "
+                               "of another class (or check the folder layout, the manifest's label column and "
+                               f"ingest.classes); the rejects are in {paths.rejects}")
     _write_rejects(paths.rejects, rejects)
     progress.update(len(cands), ingested, len(rejects), force=True)
-    assert ingested + len(rejects) == len(cands), "ingest account does not balance"
 
     counts: dict[str, int] = {}
     for r in rejects:
@@ -196,8 +229,13 @@ _RANK = {"train": 1, "val": 2, "test": 3}  # which byte-identical copy is kept: 
 def _dup_detail(item_id: str, kept: sources.Candidate, copy: dict) -> str:
     where = f" ({kept.source_split} copy kept, this {copy['source_split']} copy dropped)" \
         if kept.source_split != copy["source_split"] else ""
-    conflict = "" if kept.label == copy["label"] else f" (labels differ: kept {kept.label!r}, this {copy['label']!r})"
-    return f"same bytes as id {item_id[:16]}… from {kept.uri}{where}{conflict}"
+    return f"same bytes as id {item_id[:16]}… from {kept.uri}{where}"  # same label: copies with others conflict
+
+
+def _conflict_detail(item_id: str, cs: list[sources.Candidate]) -> str:
+    listed = ", ".join(f"{c.uri} (label {c.label!r})" for c in cs)
+    return (f"byte-identical copies (id {item_id[:16]}…) carry different labels: {listed}; none was ingested: "
+            "correct the wrong label(s), or delete the wrong copy, and re-run ingest")
 
 
 def _write_rejects(path: str, rejects: list[dict]) -> None:
@@ -215,6 +253,7 @@ class _PartWriter:
         self.dir, self.part_rows, self.rows, self.n, self.bytes = Path(out_dir), part_rows, [], 0, 0
         self.where: dict[str, int] = {}      # id -> part number
         self.replaced: dict[str, dict] = {}  # id -> replacement row, applied to written parts at close
+        self.dropped: set[str] = set()       # ids to remove from written parts at close
 
     def replace(self, item_id: str, row: dict) -> None:
         """Swap the row of an id already added for another copy of the same bytes (same id, other source)."""
@@ -223,6 +262,16 @@ class _PartWriter:
                 self.rows[i] = row
                 return
         self.replaced[item_id] = row
+
+    def drop(self, item_id: str) -> None:
+        """Remove the row of an id already added (byte-identical copies whose labels conflict: none is kept)."""
+        self.replaced.pop(item_id, None)
+        for i, r in enumerate(self.rows):
+            if r["id"] == item_id:
+                self.bytes -= len(r["image"])
+                del self.rows[i]
+                return
+        self.dropped.add(item_id)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -241,11 +290,16 @@ class _PartWriter:
 
     def close(self) -> None:
         self.flush()
-        by_part: dict[int, dict[str, dict]] = {}
+        by_part: dict[int, dict[str, dict | None]] = {}  # part -> id -> replacement row (None: drop it)
         for item_id, row in self.replaced.items():
             by_part.setdefault(self.where[item_id], {})[item_id] = row
-        for n, rows in sorted(by_part.items()):  # rare (cross-split copies): rewrite just those parts
+        for item_id in self.dropped:
+            by_part.setdefault(self.where[item_id], {})[item_id] = None
+        for n, rows in sorted(by_part.items()):  # rare (cross-split copies, conflicts): rewrite just those parts
             path = self.dir / f"part-{n:05d}.parquet"
-            table = pq.read_table(path).to_pylist()
-            table = [rows.get(r["id"], r) for r in table]
-            pq.write_table(pa.Table.from_pylist(table, schema=io.RAW_SCHEMA), path, row_group_size=1024)
+            table = [rows.get(r["id"], r) for r in pq.read_table(path).to_pylist()]
+            table = [r for r in table if r is not None]
+            if table:
+                pq.write_table(pa.Table.from_pylist(table, schema=io.RAW_SCHEMA), path, row_group_size=1024)
+            else:
+                path.unlink()

@@ -56,6 +56,7 @@ def write_audit(cfg: IngestConfig, paths: Paths, result) -> dict:
         "per_class": per_class,
         "duplicates": {
             "byte_identical_rejected": result.reject_counts.get("duplicate_bytes", 0),
+            "conflicting_labels_rejected": result.reject_counts.get("conflicting_labels", 0),
             "pixel_identical_groups": int((exact_groups > 1).sum()),
             "pixel_identical_items": int(exact_groups[exact_groups > 1].sum()),
             "near_duplicate_groups": int((near_groups > 1).sum()),
@@ -186,6 +187,7 @@ def _markdown(r: dict) -> str:
     d = r["duplicates"]
     lines += ["", "## Duplicates", "",
               f"- byte-identical copies rejected: {d['byte_identical_rejected']}",
+              f"- byte-identical copies with conflicting labels (none ingested): {d['conflicting_labels_rejected']}",
               f"- pixel-identical groups: {d['pixel_identical_groups']} ({d['pixel_identical_items']} items)",
               (f"- near-duplicate groups (pHash distance <= {d['near_dup_max_distance']}): "
               f"{d['near_duplicate_groups']} ({d['near_duplicate_items']} items)"),

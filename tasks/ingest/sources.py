@@ -2,7 +2,9 @@
 
 Each source yields ``Candidate`` rows: metadata plus a way to fetch bytes (a local path, an S3 key, or the bytes
 themselves).  Problems that are known before any bytes are read (a path escaping the data root, a missing or
-unknown label) come back as candidates with ``reject`` set, so that found = ingested + rejected always holds.
+unknown label, a hidden file) come back as candidates with ``reject`` set, so that found = ingested + rejected
+always holds.  Problems with the source as a whole (no files, a layout that cannot be read unambiguously, labels
+that differ only in case) are a ``SourceError``: guessing would train on wrong labels without a word.
 """
 from __future__ import annotations
 
@@ -32,10 +34,29 @@ class Candidate:
     s3: tuple[str, str] | None = None  # (bucket, key) to fetch (in a worker)
     data: bytes | None = None        # bytes already in hand (builtin)
     reject: tuple[str, str] | None = None  # (reason, detail) decided before reading
+    label_from: str | None = None    # where the label comes from ("folder cat/", "m.csv row 7"), for messages
 
 
 def candidates(source: str, *, root: str | None = None, s3_endpoint: str | None = None) -> list[Candidate]:
     """All candidates of ``source`` (metadata only; bytes are fetched later, in workers)."""
+    out = _list(source, root, s3_endpoint)
+    if all(c.reject is not None and c.reject[0] == "hidden_file" for c in out):
+        raise SourceError(f"ingest.source: no files found in {source} ({_empty_hint(source)})")
+    _check_label_collisions(out)
+    return out
+
+
+def _empty_hint(source: str) -> str:
+    if source.startswith("s3://"):
+        return "no objects under this prefix outside hidden prefixes (names starting with '.'); " \
+               "expected <class>/<file> or <split>/<class>/<file>"
+    if Path(source).is_dir():
+        return "hidden files and folders (names starting with '.') are skipped; " \
+               "expected <class>/<file> or <split>/<class>/<file>"
+    return "the manifest has no rows"
+
+
+def _list(source: str, root: str | None, s3_endpoint: str | None) -> list[Candidate]:
     if source == "builtin:digits":
         return _digits()
     if source.startswith("builtin:"):
@@ -78,10 +99,29 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def _hidden(name: str) -> bool:
+    """Names starting with '.' (.ipynb_checkpoints, .DS_Store, .git) are tool litter, never classes or splits."""
+    return name.startswith(".")
+
+
+def _split_level(top: list[str], source: str, kind: str) -> bool:
+    """True for a <split>/<class>/ layout.  A split folder beside any other folder is refused: read as class
+    folders, every image would be labelled 'train' or 'test'; read as splits, the other folder's role is a guess."""
+    splits = [t for t in top if t in SPLIT_DIRS]
+    others = [t for t in top if t not in SPLIT_DIRS]
+    if splits and others:
+        kinds = kind + ("es" if kind.endswith("x") else "s")
+        raise SourceError(
+            f"{source}: found the split {kinds} {', '.join(t + '/' for t in splits)} and beside them "
+            f"{', '.join(o + '/' for o in others)}; no other top-level {kind} may exist beside train/, val/ or test/: "
+            "rename it (e.g. validation/ -> val/) or move it out of the source")
+    return bool(splits)
+
+
 def _folder(root: Path) -> list[Candidate]:
     root_real = root.resolve()
-    top = sorted(p.name for p in root.iterdir() if p.is_dir())
-    has_split_level = bool(top) and set(top) <= set(SPLIT_DIRS)
+    top = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    has_split_level = _split_level(top, str(root), "folder")
     out: list[Candidate] = []
     seen_dirs: set[Path] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -96,15 +136,19 @@ def _folder(root: Path) -> list[Candidate]:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
-        dirnames.sort()
+        dirnames[:] = sorted(n for n in dirnames if not _hidden(n))
         rel_parts = d.relative_to(root).parts
+        split, label, label_dir = _layout(rel_parts, has_split_level)
         for name in sorted(filenames):
             f = d / name
             rel = f.relative_to(root)
-            split, label = _layout(rel_parts, has_split_level)
-            cand = Candidate(uri=rel.as_posix(), label=label, source_split=split, path=str(f))
+            cand = Candidate(uri=rel.as_posix(), label=label, source_split=split, path=str(f),
+                             label_from=f"folder {label_dir}")
             if f.is_symlink() and not _inside(f.resolve(), root_real):
                 cand.reject = ("path_escapes_root", f"symlink resolves to {f.resolve()}, outside {root_real}")
+            elif _hidden(name):
+                cand.reject = ("hidden_file", (f"{rel.as_posix()}: hidden file (name starts with '.'), never an "
+                                               "item; rename it without the dot if it is an image, or delete it"))
             elif label is None:
                 cand.reject = ("missing_label", "file is not inside a class folder (expected <class>/<file>"
                                + (" under train/ val/ or test/)" if has_split_level else ")"))
@@ -112,22 +156,60 @@ def _folder(root: Path) -> list[Candidate]:
     return out
 
 
-def _layout(rel_dir_parts: tuple[str, ...], has_split_level: bool) -> tuple[str | None, str | None]:
-    if has_split_level:
-        if len(rel_dir_parts) >= 2:
-            return rel_dir_parts[0], rel_dir_parts[1]
-        return (rel_dir_parts[0] if rel_dir_parts else None), None
-    return None, (rel_dir_parts[0] if rel_dir_parts else None)
+def _layout(rel_dir_parts: tuple[str, ...], has_split_level: bool) -> tuple[str | None, str | None, str]:
+    """(split, label, the class folder as 'a/b/') of a file in the folder ``rel_dir_parts``; a label is stripped of
+    surrounding spaces (a folder 'cat ' is the class 'cat')."""
+    split = (rel_dir_parts[0] if rel_dir_parts else None) if has_split_level else None
+    n = 2 if has_split_level else 1
+    label = (rel_dir_parts[n - 1].strip() or None) if len(rel_dir_parts) >= n else None
+    return split, label, "".join(p + "/" for p in rel_dir_parts[:n])
+
+
+def _label_key(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def _check_label_collisions(cands: list[Candidate]) -> None:
+    """Labels equal but for case or inner spacing ('Cat' and 'cat') are one class a person meant; as two classes
+    they would split its items and teach the model a difference that is not there."""
+    by_key: dict[str, dict[str, dict[str, None]]] = {}  # key -> label -> where (first few, in order)
+    counts: dict[str, int] = {}
+    for c in cands:
+        if c.label is None:
+            continue
+        wheres = by_key.setdefault(_label_key(c.label), {}).setdefault(c.label, {})
+        if c.label_from not in wheres:
+            counts[c.label] = counts.get(c.label, 0) + 1
+            if len(wheres) < 3:
+                wheres[c.label_from] = None
+    clashes = []
+    for labels in by_key.values():
+        if len(labels) > 1:
+            clashes.append(", ".join(
+                f"{lab!r} ({', '.join(str(w) for w in wheres)}"
+                + (f" and {counts[lab] - len(wheres)} more" if counts[lab] > len(wheres) else "") + ")"
+                for lab, wheres in sorted(labels.items())))
+    if clashes:
+        raise SourceError("ingest.source: labels that differ only in case or spacing would become separate classes: "
+                          + "; ".join(clashes) + ". Merge them into one class (one folder, or one spelling in the "
+                          "manifest) or rename one so that the names really differ")
 
 
 # ---------------------------------------------------------------- manifest
+_MANIFEST_COLUMNS = ("path", "uri", "label", "group", "split")
+
+
 def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     try:
         if path.suffix.lower() == ".csv":
-            opts = pacsv.ConvertOptions(strings_can_be_null=True, column_types=None)
+            # every cell as text: type inference would merge labels '001' and '1', turn '0' into '0.0' in a column
+            # with an empty cell and 'true' into 'True'; only an empty cell is null ('NA' may be a class)
+            opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in _MANIFEST_COLUMNS},
+                                        strings_can_be_null=True, null_values=[""])
             table = pacsv.read_csv(path, convert_options=opts)
         else:
             table = pq.read_table(path)
@@ -138,6 +220,11 @@ def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate
     if loc_col is None or "label" not in cols:
         raise SourceError(f"{path}: manifest needs columns (path or uri, label[, group][, split]); "
                           f"found {sorted(cols)}")
+    label_type = table.schema.field("label").type
+    value_type = label_type.value_type if pa.types.is_dictionary(label_type) else label_type
+    if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_integer(value_type)):
+        raise SourceError(f"{path}: column 'label' has type {label_type}; labels must be strings or integers (a "
+                          f"{label_type} label would become text such as '1.0' or 'True'): write the column as strings")
     locs = table.column(loc_col).to_pylist()
     labels = [None if v is None else str(v) for v in table.column("label").to_pylist()]
     groups = table.column("group").to_pylist() if "group" in cols else [None] * len(locs)
@@ -149,7 +236,7 @@ def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate
         label = label.strip() if isinstance(label, str) and label.strip() else None
         group = str(group) if group not in (None, "") else None
         split = str(split).strip().lower() if split not in (None, "") else None
-        cand = Candidate(uri=str(loc), label=label, group=group, source_split=split)
+        cand = Candidate(uri=str(loc), label=label, group=group, source_split=split, label_from=where)
         if loc in (None, ""):
             cand.uri = f"{where}: (empty)"
             cand.reject = ("missing_path", f"{where}: the {loc_col} cell is empty")
@@ -181,7 +268,7 @@ def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate
 
 
 # ---------------------------------------------------------------- S3
-def s3_client(endpoint: str | None, *, retries: int = 5, connect_timeout: float = 10):
+def s3_client(endpoint: str | None, *, retries: int = 5, connect_timeout: float = 10, read_timeout: float = 60):
     """An S3 client from the current AWS_* variables / profile (``retries`` excludes the first attempt).
 
     A fresh boto3 session each time: the process-wide default session keeps the first credentials it resolved,
@@ -192,7 +279,8 @@ def s3_client(endpoint: str | None, *, retries: int = 5, connect_timeout: float 
 
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(
-        retries={"max_attempts": retries, "mode": "standard"}, connect_timeout=connect_timeout))
+        retries={"max_attempts": retries, "mode": "standard"}, connect_timeout=connect_timeout,
+        read_timeout=read_timeout))
 
 
 # Listing and the bucket check run before any work: a wrong endpoint should fail in seconds, not after
@@ -241,17 +329,69 @@ def _s3_folder(uri: str, endpoint: str | None) -> list[Candidate]:
             keys.extend(o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/"))
     except Exception as exc:  # noqa: BLE001 - translated into a message that names the source
         raise explain_s3_error(exc, uri, endpoint) from None
-    if not keys:
-        raise SourceError(f"{uri}: no objects under this prefix (expected <class>/<file> or <split>/<class>/<file>)")
     rels = [k[len(prefix) + 1:] if prefix else k for k in keys]
-    top = {r.split("/", 1)[0] for r in rels if "/" in r}
-    has_split_level = bool(top) and top <= set(SPLIT_DIRS)
+    # objects under a hidden prefix (.ipynb_checkpoints/...) are not items, as a hidden folder is not descended
+    listed = [(k, r) for k, r in zip(keys, rels) if not any(_hidden(p) for p in r.split("/")[:-1])]
+    top = sorted({r.split("/", 1)[0] for _, r in listed if "/" in r})
+    has_split_level = _split_level(top, uri, "prefix")
+    base = f"s3://{bucket}/{prefix + '/' if prefix else ''}"
     out = []
-    for key, rel in sorted(zip(keys, rels), key=lambda kv: kv[1]):
+    for key, rel in sorted(listed, key=lambda kv: kv[1]):
         parts = tuple(rel.split("/")[:-1])
-        split, label = _layout(parts, has_split_level)
-        cand = Candidate(uri=f"s3://{bucket}/{key}", label=label, source_split=split, s3=(bucket, key))
-        if label is None:
+        split, label, label_dir = _layout(parts, has_split_level)
+        cand = Candidate(uri=f"s3://{bucket}/{key}", label=label, source_split=split, s3=(bucket, key),
+                         label_from=f"prefix {base}{label_dir}")
+        if _hidden(rel.rsplit("/", 1)[-1]):
+            cand.reject = ("hidden_file", (f"{cand.uri}: hidden object (name starts with '.'), never an item; "
+                                           "rename it without the dot if it is an image, or delete it"))
+        elif label is None:
             cand.reject = ("missing_label", "object is not under a class prefix")
         out.append(cand)
     return out
+
+
+# Fetch failures that pass (a throttling, overloaded or restarting server, a dropped connection, an expired
+# session token) after botocore's own retries: the stage fails so that it is retried whole later, instead of
+# "succeeding" on a smaller dataset.  The words are those tasks.core.retry recognises as transient.
+_TRANSIENT_CODES = {
+    "SlowDown": "throttled: slow down", "Throttling": "throttled: slow down",
+    "ThrottlingException": "throttled: slow down", "RequestLimitExceeded": "throttled: slow down",
+    "TooManyRequests": "throttled: slow down", "429": "throttled: slow down",
+    "ServiceUnavailable": "service unavailable", "503": "service unavailable",
+    "InternalError": "server error", "500": "server error", "502": "server error", "BadGateway": "server error",
+    "504": "gateway timed out", "GatewayTimeout": "gateway timed out",
+    "RequestTimeout": "request timed out", "RequestTimeoutException": "request timed out",
+    "ExpiredToken": "the session token expired; a retry picks up refreshed credentials",
+    "ExpiredTokenException": "the session token expired; a retry picks up refreshed credentials",
+}
+
+# read_timeout included: a stalled server must end in an error, not hang the stage
+FETCH = {"retries": 5, "connect_timeout": 10, "read_timeout": 60}
+
+
+def transient_fetch_error(exc: Exception, uri: str, endpoint: str | None) -> SourceError | None:
+    """The error that fails the stage for a fetch of ``uri`` that failed for a passing reason, or None for a
+    permanent failure of this one object (NoSuchKey, AccessDenied: the object becomes a reject)."""
+    from botocore import exceptions as bx
+
+    ep = endpoint or "the AWS default endpoint"
+    if isinstance(exc, bx.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "?")
+        meta = exc.response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode")
+        what = _TRANSIENT_CODES.get(code) or (_TRANSIENT_CODES.get(str(status)) if status else None)
+        if what is None:
+            return None
+        attempts = f"{meta.get('RetryAttempts', 0) + 1} attempts"
+        code = f"{code} (HTTP {status})" if status else code
+    elif isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError | TimeoutError):
+        code, what, attempts = type(exc).__name__, "timed out", f"{FETCH['retries']} retries"
+    elif isinstance(exc, bx.EndpointConnectionError):
+        code, what, attempts = type(exc).__name__, "could not connect", f"{FETCH['retries']} retries"
+    elif isinstance(exc, bx.ConnectionError | bx.HTTPClientError | bx.IncompleteReadError | ConnectionError):
+        code, what, attempts = type(exc).__name__, "connection reset or lost", f"{FETCH['retries']} retries"
+    else:
+        return None
+    return SourceError(f"{uri}: transient S3 error {code} at {ep} after {attempts} ({what}): {exc}. Ingest "
+                       "stopped and wrote no raw items rather than drop the object; run the stage again (the flow "
+                       f"retries it by itself), and if it persists check the S3 service at {ep}")

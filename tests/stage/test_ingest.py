@@ -78,10 +78,11 @@ def test_awkward_inputs_are_normalised_or_rejected_by_rule(awkward_folder, paths
     assert "16384 pixels" in rejects["dog/big.png"]["detail"]
     assert "ingest.max_pixels=10000" in rejects["dog/big.png"]["detail"]
     assert "outside" in rejects["cat/escape.png"]["detail"]
-    # one of good.png / copy.png is kept (whichever the fixed order meets first), the other is a duplicate reject
-    dup = [u for u in ("cat/good.png", "dog/copy.png") if u in rejects]
-    assert len(dup) == 1 and rejects[dup[0]]["reason"] == "duplicate_bytes"
-    assert "labels differ" in rejects[dup[0]]["detail"]
+    # good.png and copy.png are the same bytes under two labels: neither is kept, both say why
+    for uri in ("cat/good.png", "dog/copy.png"):
+        assert rejects[uri]["reason"] == "conflicting_labels"
+        assert "cat/good.png (label 'cat'), dog/copy.png (label 'dog')" in rejects[uri]["detail"] or \
+            "dog/copy.png (label 'dog'), cat/good.png (label 'cat')" in rejects[uri]["detail"]
     # normalisation rule: CMYK/palette/RGBA -> 3 channels, 16-bit -> 1 channel; modes recorded as stored
     assert items["dog/cmyk.jpg"]["mode"] == "CMYK" and items["dog/cmyk.jpg"]["channels"] == 3
     assert items["dog/sixteen.png"]["mode"].startswith("I") and items["dog/sixteen.png"]["channels"] == 1
@@ -106,6 +107,8 @@ def test_sixteen_bit_scales_full_range(tmp_path, paths):
     root = tmp_path / "d" / "a"
     root.mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(root / "white.png")
+    (root.parent / "b").mkdir()
+    (root.parent / "b" / "other.png").write_bytes(encode(pattern(1)))  # a second class: ingest needs two
     ingest.run(IngestConfig(source=str(root.parent), workers=1), paths)
     items, _ = _tables(paths)
     assert items["a/white.png"]["brightness"] == pytest.approx(255)
@@ -118,11 +121,13 @@ def test_alpha_reject_rule(awkward_folder, paths):
 
 
 def test_unknown_label_rejected_when_classes_declared(awkward_folder, paths):
-    r = ingest.run(IngestConfig(source=str(awkward_folder), classes=["cat"], workers=1), paths)
+    (awkward_folder / "bird").mkdir()
+    (awkward_folder / "bird" / "b.png").write_bytes(encode(pattern(30)))
+    r = ingest.run(IngestConfig(source=str(awkward_folder), classes=["cat", "bird"], workers=1), paths)
     items, rejects = _tables(paths)
     assert rejects["dog/cmyk.jpg"]["reason"] == "unknown_label"
-    assert "'dog' not in ingest.classes" in rejects["dog/cmyk.jpg"]["detail"]
-    assert all(i["label"] == "cat" for i in items.values())
+    assert "'dog' not in ingest.classes ['bird', 'cat']" in rejects["dog/cmyk.jpg"]["detail"]
+    assert {i["label"] for i in items.values()} == {"cat", "bird"}
     assert r.found == r.ingested + r.rejected
 
 
@@ -245,9 +250,11 @@ def test_real_decompression_bomb_header_is_rejected(tmp_path, paths):
     d.mkdir(parents=True)
     Image.new("1", (30000, 30000)).save(d / "bomb.png", optimize=True)
     (d / "ok.png").write_bytes(encode(pattern(3)))
+    (d.parent / "b").mkdir()
+    (d.parent / "b" / "ok.png").write_bytes(encode(pattern(4)))
     r = ingest.run(IngestConfig(source=str(tmp_path / "bomb"), workers=1), paths)
     _, rejects = _tables(paths)
-    assert r.ingested == 1 and rejects["a/bomb.png"]["reason"] == "decompression_bomb"
+    assert r.ingested == 2 and rejects["a/bomb.png"]["reason"] == "decompression_bomb"
 
 
 def test_nothing_readable_fails_but_keeps_the_reasons(tmp_path, paths):

@@ -285,3 +285,88 @@ def test_manifest_with_s3_uris_missing_bucket(aws_env, tmp_path):
     with pytest.raises(sources.SourceError, match=r"s3://no-such-bucket-keel: bucket does not exist"):
         ingest.run(IngestConfig(source=str(manifest), s3_endpoint=aws_env.endpoint, workers=1),
                    _paths(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- prefix layout: hidden and stray prefixes
+def test_s3_hidden_prefixes_and_objects_are_never_classes_or_splits(aws_env, tmp_path):
+    _upload(aws_env.client(), {"p4/train/a/1.png": _image(301, "PNG"), "p4/train/b/2.png": _image(302, "PNG"),
+                               "p4/test/a/3.png": _image(303, "PNG"), "p4/test/b/4.png": _image(304, "PNG"),
+                               "p4/.ipynb_checkpoints/a/5.png": _image(305, "PNG"),
+                               "p4/train/a/.DS_Store": b"\x00\x01"})
+    paths = _paths(tmp_path)
+    result = ingest.run(IngestConfig(source=f"s3://{BUCKET}/p4", s3_endpoint=aws_env.endpoint, workers=1), paths)
+    got = {r["source_uri"]: (r["source_split"], r["label"]) for r in _raw(paths).to_pylist()}
+    assert got == {_uri("p4/train/a/1.png"): ("train", "a"), _uri("p4/train/b/2.png"): ("train", "b"),
+                   _uri("p4/test/a/3.png"): ("test", "a"), _uri("p4/test/b/4.png"): ("test", "b")}
+    (rej,) = _rejects(paths).to_pylist()
+    assert (rej["source_uri"], rej["reason"]) == (_uri("p4/train/a/.DS_Store"), "hidden_file")
+    assert "hidden object (name starts with '.')" in rej["detail"]
+    assert result.found == result.ingested + result.rejected == 5
+
+
+def test_s3_prefix_beside_split_prefixes_is_refused(aws_env, tmp_path):
+    _upload(aws_env.client(), {"p5/train/a/1.png": _image(311, "PNG"), "p5/test/a/2.png": _image(312, "PNG"),
+                               "p5/validation/a/3.png": _image(313, "PNG")})
+    cfg = IngestConfig(source=f"s3://{BUCKET}/p5", s3_endpoint=aws_env.endpoint, workers=1)
+    with pytest.raises(sources.SourceError) as info:
+        ingest.run(cfg, _paths(tmp_path))
+    assert str(info.value) == (
+        f"s3://{BUCKET}/p5: found the split prefixes test/, train/ and beside them validation/; no other top-level "
+        "prefix may exist beside train/, val/ or test/: rename it (e.g. validation/ -> val/) or move it out of the "
+        "source")
+
+
+def test_s3_class_prefixes_differing_in_case_are_refused(aws_env, tmp_path):
+    _upload(aws_env.client(), {"p6/Cat/1.png": _image(321, "PNG"), "p6/cat/2.png": _image(322, "PNG")})
+    cfg = IngestConfig(source=f"s3://{BUCKET}/p6", s3_endpoint=aws_env.endpoint, workers=1)
+    with pytest.raises(sources.SourceError) as info:
+        ingest.run(cfg, _paths(tmp_path))
+    assert (f"would become separate classes: 'Cat' (prefix s3://{BUCKET}/p6/Cat/), "
+            f"'cat' (prefix s3://{BUCKET}/p6/cat/). Merge them") in str(info.value)
+
+
+# ---------------------------------------------------------------- a server gone between listing and fetching
+def test_s3_server_gone_during_fetch_fails_the_stage_without_output(aws_env, tmp_path, monkeypatch, no_retry_sleep):
+    """The listing succeeds, then the server dies: every fetch is refused.  That is the flow's retry to make (the
+    message reads as transient), never read_error rejects on a "successful", smaller dataset."""
+    import os
+    import signal
+    import time
+
+    from tasks.core.retry import transient_text
+    from tests.support.s3server import seaweed_s3
+
+    monkeypatch.setattr(sources, "FETCH", {"retries": 1, "connect_timeout": 1, "read_timeout": 5})
+    with seaweed_s3() as server:  # its own server: this test kills it
+        client = server.client()
+        client.create_bucket(Bucket=BUCKET)
+        _upload(client, {f"gone/{c}/{i}.png": _image(400 + 10 * k + i, "PNG")
+                         for k, c in enumerate(CLASSES) for i in range(2)})
+        real = sources.candidates
+
+        def list_then_kill(*args, **kwargs):
+            out = real(*args, **kwargs)
+            os.killpg(server.pid, signal.SIGKILL)  # the group seaweed_s3 started (start_new_session)
+            host, port = server.endpoint.rsplit("/", 1)[1].split(":")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until a connection to it is refused
+                try:
+                    socket.create_connection((host, int(port)), timeout=0.5).close()
+                except OSError:
+                    break
+                time.sleep(0.05)
+            return out
+
+        monkeypatch.setattr(sources, "candidates", list_then_kill)
+        paths = _paths(tmp_path)
+        cfg = IngestConfig(source=f"s3://{BUCKET}/gone", s3_endpoint=server.endpoint, workers=1)
+        with pytest.raises(sources.SourceError) as info:
+            ingest.run(cfg, paths)
+    msg = str(info.value)
+    assert msg.startswith(f"s3://{BUCKET}/gone/") and " transient S3 error EndpointConnectionError at " \
+        f"{server.endpoint} after 1 retries (could not connect)" in msg, msg
+    assert "run the stage again (the flow retries it by itself)" in msg
+    assert transient_text(msg)
+    raw = tmp_path / "raw" / "items"
+    assert not raw.exists() and not list(raw.parent.glob(".items.*"))  # no raw table, not even a temporary one
+    assert not (tmp_path / "raw" / "rejects.parquet").exists()  # so no read_error rejects either
