@@ -1,6 +1,8 @@
 """Decoding, the mode-normalisation rule, condition features and perceptual hashes.
 
-The normalisation rule (applied identically at ingest, for features and hashes, and at shard time):
+The normalisation rule (applied identically at ingest, for features and hashes, at shard time and in serving):
+- first the image is made upright: an EXIF ``Orientation`` tag (phones store sensor-order pixels and a tag) is
+  applied, as ``PIL.ImageOps.exif_transpose`` does; an image without one is left as it is
 - ``1``, ``L``                -> L (1 channel)
 - ``I;16*``, ``I``            -> L by scaling the full 16-bit range to 0..255 (16-bit PNG/TIFF)
 - ``LA``, ``PA``, ``RGBA``, ``P`` with transparency -> composited over the background colour
@@ -17,12 +19,14 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa", "La"}
 GRAY_MODES = {"1", "L"}
 HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 COLOR_MODES = {"P", "CMYK", "YCbCr", "LAB", "HSV", "RGB", "RGBX"}
+ORIENTATION = 0x0112  # EXIF tag 274
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 class ImageRejected(Exception):
@@ -51,43 +55,82 @@ def has_alpha(img: Image.Image) -> bool:
     return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
 
 
-def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = None,
-           alpha: str = "composite", background=(255, 255, 255), min_side: int = 1) -> Decoded:
-    """Fully decode ``data`` and normalise it by the module rule, or raise ``ImageRejected``."""
+def open_image(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = None, min_side: int = 1,
+               setting: str = "ingest.") -> Image.Image:
+    """Open ``data`` lazily, refuse it from its header (size, format), then load the pixels; or ``ImageRejected``.
+
+    The one guarded way from bytes to a loaded image (ingest's ``decode`` and the served model both use it).
+    ``setting`` prefixes the limits' names in messages.  Pillow's own bomb guard reads the process-wide
+    ``Image.MAX_IMAGE_PIXELS``, which is the host's and is never changed here: its warning is silenced locally
+    (``max_pixels`` is checked here, before any pixel is decoded) and its error, raised only past twice that
+    global, is a refusal with the same reason.
+    """
     if len(data) == 0:
         raise ImageRejected("empty_file", "zero bytes")
-    # PIL's own guard follows ingest.max_pixels (it raises on open past 2x, warns past 1x: both are rejects)
-    Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageRejected("not_an_image", f"{len(data)} bytes that no image decoder recognises") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected("decompression_bomb", f"{exc} (ingest.max_pixels={max_pixels})") from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected("decompression_bomb", _bomb(exc, setting, max_pixels)) from None
+        except _DECODE_ERRORS as exc:
             raise ImageRejected("corrupt_image", f"header unreadable: {type(exc).__name__}: {exc}") from None
         w, h = img.size
         if w * h > max_pixels:
-            raise ImageRejected("decompression_bomb", f"{w}x{h} = {w * h} pixels > ingest.max_pixels={max_pixels}")
+            raise ImageRejected("decompression_bomb", f"{w}x{h} = {w * h} pixels > {setting}max_pixels={max_pixels}")
         if allowed_formats is not None and img.format not in allowed_formats:
-            raise ImageRejected("format_not_allowed", f"{img.format} not in ingest.allowed_formats")
+            raise ImageRejected("format_not_allowed", f"{img.format} not in {setting}allowed_formats "
+                                f"({', '.join(allowed_formats)})")
         if min(w, h) < min_side:
-            raise ImageRejected("too_small", f"{w}x{h} smaller than ingest.min_side={min_side}")
+            raise ImageRejected("too_small", f"{w}x{h} smaller than {setting}min_side={min_side}")
         try:
             img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected("decompression_bomb", str(exc)) from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected("decompression_bomb", _bomb(exc, setting, max_pixels)) from None
+        except _DECODE_ERRORS as exc:
             raise ImageRejected("corrupt_image", f"{img.format} {w}x{h}: {exc}") from None
+    return img
+
+
+def _bomb(exc: Exception, setting: str, max_pixels: int) -> str:
+    return (f"{exc} (Pillow's process-wide Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; "
+            f"{setting}max_pixels={max_pixels})")
+
+
+def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = None,
+           alpha: str = "composite", background=(255, 255, 255), min_side: int = 1) -> Decoded:
+    """Fully decode ``data`` and normalise it by the module rule, or raise ``ImageRejected``.
+
+    Width and height are those of the upright image (what shard and serving see), not of the stored pixels.
+    """
+    img = open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_side=min_side)
     fmt, mode = img.format or "unknown", img.mode
     if has_alpha(img) and alpha == "reject":
         raise ImageRejected("alpha_not_allowed", f"mode {mode} has transparency and ingest.alpha=reject")
-    return Decoded(fmt, mode, w, h, normalise(img, background))
+    pixels = normalise(img, background)
+    return Decoded(fmt, mode, pixels.shape[1], pixels.shape[0], pixels)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as it is meant to be seen: its EXIF Orientation applied (and removed), or ``img`` itself.
+
+    Unlike ``ImageOps.exif_transpose`` it returns ``img`` itself, not a copy, when there is nothing to do (the
+    usual case, and the shard stage's hot path); an unreadable EXIF block counts as none, the same everywhere.
+    """
+    try:
+        orientation = img.getexif().get(ORIENTATION, 1)
+    except _DECODE_ERRORS:
+        return img
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def normalise(img: Image.Image, background=(255, 255, 255)) -> np.ndarray:
+    """A loaded image -> upright, normalised uint8 pixels by the module rule (or ``ImageRejected``)."""
+    img = upright(img)
     mode = img.mode
     if mode in GRAY_MODES:
         return np.asarray(img.convert("L"))

@@ -7,7 +7,9 @@ the settings ``tasks.model.build.build_model`` needs, and the input limits), and
 the served pixels come from the very function the shard stage used (``tasks.core.imaging.preprocess``).
 
 Input (``predict(model_input)``): a pandas DataFrame with one column ``image``; one row per image, either
-    * encoded image bytes (JPEG, PNG, BMP, GIF, WEBP, TIFF, ... whatever Pillow decodes), or
+    * encoded image bytes in one of the formats the model was trained with (``ingest.allowed_formats``, recorded
+      in the spec as ``allowed_formats``; default JPEG, PNG, BMP, GIF, WEBP, TIFF), made upright by their EXIF
+      Orientation as at ingest, or
     * a base64 string of those bytes (a ``data:image/...;base64,`` prefix is accepted), or
     * a ``uint8`` numpy array, HxW (grayscale), HxWx1, HxWx3 (RGB) or HxWx4 (RGBA, composited over the
       training background).
@@ -22,9 +24,9 @@ Output: a DataFrame, one row per input row, in order:
     label (str, class name), label_index (int64), probability (float64, of ``label``),
     probabilities (list of float64 in the order of the classes).
 
-A bad row (not an image, too many bytes or pixels, corrupt, wrong array dtype/shape, missing) fails the whole
-request with ``MlflowException(error_code=INVALID_PARAMETER_VALUE)`` naming the row and the reason, which the
-scoring server answers with HTTP 400.
+A bad row (not an image, a format not allowed, too many bytes or pixels, corrupt, wrong array dtype/shape,
+missing) fails the whole request with ``MlflowException(error_code=INVALID_PARAMETER_VALUE)`` naming the row and
+the reason, which the scoring server answers with HTTP 400.
 
 Nothing heavy happens at import: torch, pandas and MLflow are imported inside functions, and the
 ``PythonModel`` subclass (``KeelImageClassifier``) is created on first access to that attribute.

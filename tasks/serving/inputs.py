@@ -2,26 +2,26 @@
 
 A cell is encoded image bytes, a base64 string of them (``data:image/...;base64,`` accepted) or a ``uint8``
 HxW / HxWx1 / HxWx3 / HxWx4 array; anything else, or a cell over ``max_image_bytes`` / ``max_pixels``, corrupt or
-missing, raises :class:`InvalidImageError` naming the row and a stable reason code.
+missing, or encoded in a format the model was not trained with, raises :class:`InvalidImageError` naming the row
+and a stable reason code.  Bytes go through the same guarded opener as ingest (``tasks.core.imaging.open_image``),
+which leaves Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` alone.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import math
-import struct
-import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from tasks.core.errors import UserError
+from tasks.core.imaging import ImageRejected, open_image
 
 IMAGE_COLUMN = "image"
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
-_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+# imaging's reason codes -> the served model's (kept from before the opener was shared)
+_REASONS = {"empty_file": "empty", "decompression_bomb": "too_many_pixels"}
 
 
 class InvalidImageError(UserError, ValueError):
@@ -32,8 +32,9 @@ class InvalidImageError(UserError, ValueError):
         self.row, self.reason, self.detail = row, reason, detail
 
 
-def image(value: Any, row: int, *, max_image_bytes: int, max_pixels: int) -> Image.Image:
-    """One input cell -> a decoded PIL image (not yet preprocessed)."""
+def image(value: Any, row: int, *, max_image_bytes: int, max_pixels: int,
+          allowed_formats: list[str] | None = None) -> Image.Image:
+    """One input cell -> a decoded PIL image (not yet preprocessed; ``preprocess`` makes it upright)."""
     if isinstance(value, np.ndarray):
         return from_array(value, row, max_pixels=max_pixels)
     if isinstance(value, str):
@@ -46,7 +47,8 @@ def image(value: Any, row: int, *, max_image_bytes: int, max_pixels: int) -> Ima
         raise InvalidImageError(row, "unsupported_type",
                                 f"{type(value).__name__}; send encoded image bytes (base64 strings in JSON) or a "
                                 "uint8 HxW / HxWxC array")
-    return decode(data, row, max_image_bytes=max_image_bytes, max_pixels=max_pixels)
+    return decode(data, row, max_image_bytes=max_image_bytes, max_pixels=max_pixels,
+                  allowed_formats=allowed_formats)
 
 
 def from_base64(text: str, row: int, *, max_image_bytes: int) -> bytes:
@@ -63,39 +65,21 @@ def from_base64(text: str, row: int, *, max_image_bytes: int) -> bytes:
             from None
 
 
-def decode(data: bytes, row: int, *, max_image_bytes: int, max_pixels: int) -> Image.Image:
+def decode(data: bytes, row: int, *, max_image_bytes: int, max_pixels: int,
+           allowed_formats: list[str] | None = None) -> Image.Image:
+    """Encoded bytes -> a loaded image, through ingest's own guarded opener (``tasks.core.imaging.open_image``).
+
+    ``allowed_formats``: the formats the model was trained with (``None``: any Pillow opens).
+    """
     if len(data) > max_image_bytes:
         raise InvalidImageError(row, "too_many_bytes", f"{len(data)} bytes > max_image_bytes={max_image_bytes}")
-    if not data:
-        raise InvalidImageError(row, "empty", "zero bytes")
-    # PIL's decompression-bomb guard follows max_pixels (it raises past 2x and warns past 1x: both refused)
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = _open(data, row, max_pixels)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise InvalidImageError(row, "too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
-        try:
-            img.load()
-        except _BOMB as exc:
-            raise InvalidImageError(row, "too_many_pixels", str(exc)) from None
-        except _DECODE_ERRORS as exc:
-            raise InvalidImageError(row, "corrupt_image", f"{img.format} {w}x{h}: {exc}") from None
-    return img
-
-
-def _open(data: bytes, row: int, max_pixels: int) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InvalidImageError(row, "not_an_image", f"{len(data)} bytes that no image decoder recognises") \
-            from None
-    except _BOMB as exc:
-        raise InvalidImageError(row, "too_many_pixels", f"{exc} (max_pixels={max_pixels})") from None
-    except _DECODE_ERRORS as exc:
-        raise InvalidImageError(row, "corrupt_image", f"header unreadable: {type(exc).__name__}: {exc}") \
-            from None
+        return open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, setting="")
+    except ImageRejected as exc:
+        detail = exc.detail
+        if exc.reason == "format_not_allowed":
+            detail += ": the formats this model was trained with"
+        raise InvalidImageError(row, _REASONS.get(exc.reason, exc.reason), detail) from None
 
 
 def from_array(arr: np.ndarray, row: int, *, max_pixels: int) -> Image.Image:

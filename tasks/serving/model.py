@@ -19,9 +19,22 @@ BATCH = 256
 DEVICE_ENV = "KEEL_SERVING_DEVICE"  # cpu | cuda | cuda:N; default: cuda when available, else cpu
 
 
-def spec_from_checkpoint(blob: dict, *, max_image_bytes: int, max_pixels: int) -> dict:
-    """The preprocessing + model-rebuild spec of a ``best.pt`` blob (see docs/contracts.md)."""
+def default_formats() -> list[str]:
+    """``ingest.allowed_formats``' default: what a model packaged without recorded formats is taken to accept."""
+    from tasks.core.config import IngestConfig
+
+    return list(IngestConfig.model_fields["allowed_formats"].default)
+
+
+def spec_from_checkpoint(blob: dict, *, max_image_bytes: int, max_pixels: int,
+                         allowed_formats: list[str] | None = None) -> dict:
+    """The preprocessing + model-rebuild spec of a ``best.pt`` blob (see docs/contracts.md).
+
+    ``allowed_formats``: ``ingest.allowed_formats`` of the training data (else the blob's index's, else the
+    default), so serving opens exactly the encodings training could have seen.
+    """
     index = blob["index"]
+    formats = allowed_formats or index.get("allowed_formats") or default_formats()
     train_cfg = (blob.get("run_info") or {}).get("config") or {}
     return {
         "format": SPEC_FORMAT,
@@ -40,6 +53,7 @@ def spec_from_checkpoint(blob: dict, *, max_image_bytes: int, max_pixels: int) -
         "tta": str(train_cfg.get("tta", "none")),  # the test-time views evaluate scored with: served the same way
         "max_image_bytes": int(max_image_bytes),
         "max_pixels": int(max_pixels),
+        "allowed_formats": [str(f) for f in formats],
     }
 
 
@@ -59,6 +73,8 @@ class ImageClassifier:
         self.classes: list[str] = list(spec["classes"])
         self.resolution, self.channels = int(spec["resolution"]), int(spec["channels"])
         self.max_image_bytes, self.max_pixels = int(spec["max_image_bytes"]), int(spec["max_pixels"])
+        # a model packaged before formats were recorded was trained under the default list
+        self.allowed_formats: list[str] = list(spec.get("allowed_formats") or default_formats())
         device = device or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         timm_cfg = spec.get("timm", {})
@@ -75,8 +91,9 @@ class ImageClassifier:
 
     @classmethod
     def from_checkpoint(cls, blob: dict, *, max_image_bytes: int = 10_000_000, max_pixels: int = 89_478_485,
-                        device: str | None = None) -> ImageClassifier:
-        spec = spec_from_checkpoint(blob, max_image_bytes=max_image_bytes, max_pixels=max_pixels)
+                        allowed_formats: list[str] | None = None, device: str | None = None) -> ImageClassifier:
+        spec = spec_from_checkpoint(blob, max_image_bytes=max_image_bytes, max_pixels=max_pixels,
+                                    allowed_formats=allowed_formats)
         return cls(spec, blob["model"], device=device)
 
     @classmethod
@@ -88,7 +105,8 @@ class ImageClassifier:
     # ---- input -> model pixels
     def pixels(self, value: Any, row: int) -> np.ndarray:
         """One input cell -> uint8 ``resolution x resolution x channels`` (the shard stage's pixels)."""
-        img = inputs.image(value, row, max_image_bytes=self.max_image_bytes, max_pixels=self.max_pixels)
+        img = inputs.image(value, row, max_image_bytes=self.max_image_bytes, max_pixels=self.max_pixels,
+                           allowed_formats=self.allowed_formats)
         try:
             return preprocess(img, self.resolution, self.channels, self.spec.get("resize", "center_crop"),
                               tuple(self.spec.get("background", (255, 255, 255))))

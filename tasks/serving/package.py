@@ -67,15 +67,17 @@ def _stage_code(dest: Path) -> Path:
 
 
 def package(blob: dict, workdir: str | Path, *, max_image_bytes: int, max_pixels: int,
-            example_images: Sequence[bytes]) -> dict:
+            example_images: Sequence[bytes], allowed_formats: list[str] | None = None) -> dict:
     """Everything ``mlflow.pyfunc.save_model`` / ``log_model`` needs for a ``best.pt`` blob, as keyword arguments
     (python_model, artifacts, code_paths, signature, input_example, pip_requirements).  ``python_model`` is the
     path of the staged ``tasks/serving/model_code.py``: MLflow's models-from-code, no pickled object in the
-    model.  Files are staged under ``workdir``, which must outlive the save/log call."""
+    model.  Files are staged under ``workdir``, which must outlive the save/log call.  ``allowed_formats``: the
+    training data's ``ingest.allowed_formats`` (see ``spec_from_checkpoint``)."""
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    spec = spec_from_checkpoint(blob, max_image_bytes=max_image_bytes, max_pixels=max_pixels)
+    spec = spec_from_checkpoint(blob, max_image_bytes=max_image_bytes, max_pixels=max_pixels,
+                                allowed_formats=allowed_formats)
     weights, spec_path = work / "weights.pt", work / "preprocessing.json"
     checkpoint.save(weights, {k: v.detach().cpu() for k, v in blob["model"].items()})
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
@@ -93,7 +95,7 @@ def package(blob: dict, workdir: str | Path, *, max_image_bytes: int, max_pixels
 
 
 def save(blob: dict, dest: str | Path, *, max_image_bytes: int, max_pixels: int,
-         example_images: Sequence[bytes]) -> Path:
+         example_images: Sequence[bytes], allowed_formats: list[str] | None = None) -> Path:
     """``mlflow.pyfunc.save_model`` of a ``best.pt`` blob to the (new or empty) folder ``dest``."""
     import tempfile
 
@@ -101,7 +103,7 @@ def save(blob: dict, dest: str | Path, *, max_image_bytes: int, max_pixels: int,
 
     with tempfile.TemporaryDirectory(prefix="keel-serving-") as work:
         kw = package(blob, work, max_image_bytes=max_image_bytes, max_pixels=max_pixels,
-                     example_images=example_images)
+                     example_images=example_images, allowed_formats=allowed_formats)
         mlflow.pyfunc.save_model(path=str(dest), **kw)
     return Path(dest)
 

@@ -197,3 +197,95 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def _predict(model, cells):
+    import pandas as pd
+
+    return np.stack(model.predict(pd.DataFrame({"image": pd.Series(cells, dtype=object)}))["probabilities"])
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(pixels, fmt, exif=exif.tobytes())
+
+
+def test_exif_oriented_image_is_served_upright(loaded, test_items):
+    """A phone-style file (stored pixels turned, an Orientation tag saying how to turn them back) is answered
+    like the upright image it shows, as ingest and shard read it."""
+    import io as _io
+
+    from PIL import Image
+
+    _, model = loaded
+    upright = [np.asarray(Image.open(_io.BytesIO(b))) for b in test_items[3][:4]]
+    rot6 = [_with_orientation(np.ascontiguousarray(np.rot90(u, 1)), 6) for u in upright]
+    rot8 = [_with_orientation(np.ascontiguousarray(np.rot90(u, -1)), 8) for u in upright]
+    ref = _predict(model, test_items[3][:4])
+    np.testing.assert_allclose(_predict(model, rot6), ref, atol=1e-6)
+    np.testing.assert_allclose(_predict(model, rot8), ref, atol=1e-6)
+    untagged = [encode(np.ascontiguousarray(np.rot90(u, 1))) for u in upright]  # the same pixels, no tag: sideways
+    assert not np.allclose(_predict(model, untagged), ref, atol=1e-3)
+
+
+def test_formats_the_model_was_not_trained_with_are_refused(loaded, test_items):
+    import io as _io
+
+    from PIL import Image
+
+    dest, model = loaded
+    spec = json.loads(next((dest / "artifacts").rglob("preprocessing.json")).read_text())
+    assert spec["allowed_formats"] == ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # ingest's default
+    px = np.asarray(Image.open(_io.BytesIO(test_items[3][0])))
+    for fmt in ("PPM", "ICO", "PCX"):
+        msg = _bad(model, [test_items[3][0], encode(px, fmt)])
+        assert (f"row 1: format_not_allowed: {fmt} not in allowed_formats (JPEG, PNG, BMP, GIF, WEBP, TIFF): "
+                "the formats this model was trained with") in msg
+    for fmt in ("JPEG", "BMP", "TIFF"):  # the allowed ones still pass
+        assert _predict(model, [encode(px, fmt)]).shape == (1, 10)
+
+
+def test_recorded_formats_and_the_fallback_for_older_models(checkpoint, loaded, test_items, tmp_path):
+    """A model packaged with its training formats serves exactly those; one packaged before formats were
+    recorded (no allowed_formats in its spec) falls back to ingest's default list."""
+    import io as _io
+    import shutil
+
+    import mlflow.pyfunc
+    from PIL import Image
+
+    from tasks import serving
+
+    px = np.asarray(Image.open(_io.BytesIO(test_items[3][0])))
+    dest = serving.save(checkpoint, tmp_path / "png_ppm", max_image_bytes=MAX_BYTES, max_pixels=MAX_PIXELS,
+                        example_images=test_items[3][:1], allowed_formats=["PNG", "PPM"])
+    only = mlflow.pyfunc.load_model(str(dest))
+    assert _predict(only, [encode(px, "PPM"), test_items[3][0]]).shape == (2, 10)
+    assert "row 0: format_not_allowed: JPEG not in allowed_formats (PNG, PPM)" in _bad(only, [encode(px, "JPEG")])
+
+    old = tmp_path / "old"
+    shutil.copytree(loaded[0], old)
+    spec_file = next((old / "artifacts").rglob("preprocessing.json"))
+    spec = json.loads(spec_file.read_text())
+    del spec["allowed_formats"]
+    spec_file.write_text(json.dumps(spec))
+    legacy = mlflow.pyfunc.load_model(str(old))
+    assert _predict(legacy, [encode(px, "JPEG")]).shape == (1, 10)
+    assert "row 0: format_not_allowed: PPM not in allowed_formats (JPEG, PNG, BMP, GIF, WEBP, TIFF)" in \
+        _bad(legacy, [encode(px, "PPM")])
+
+
+def test_serving_leaves_pillows_process_wide_limit_alone(loaded, test_items):
+    """The host process's Image.MAX_IMAGE_PIXELS is its own: serving checks max_pixels locally."""
+    from PIL import Image
+
+    _, model = loaded
+    before = Image.MAX_IMAGE_PIXELS
+    _predict(model, test_items[3][:2])
+    assert Image.MAX_IMAGE_PIXELS == before
+    big = encode(np.zeros((400, 400), np.uint8))
+    assert "row 0: too_many_pixels: 400x400 = 160000 pixels > max_pixels=100000" in _bad(model, [big])
+    assert Image.MAX_IMAGE_PIXELS == before
