@@ -31,19 +31,26 @@ IO_RETRY_BACKOFF_S = 5.0      # first retry after ~5 s, then ~10 s, ~20 s (expon
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Prefect's retry_condition_fn: retry a StageFailed only when it looks like IO; anything else retries."""
+    """Prefect's retry_condition_fn: retry only a failure that is IO. A StageFailed carries the stage's verdict
+    (from its stderr); any other exception is judged by the one classifier keel has (its type, its cause chain,
+    its message), so a bug in the flow's own code fails at once instead of being retried and hidden."""
+    # imported here: tasks comes from the checkout (see dvc_run.looks_transient)
+    from tasks.core.retry import transient_exception
+
     exc = getattr(state, "data", None)
     if not isinstance(exc, BaseException):
         try:
             exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001 - a result that cannot be read: let the retry policy decide
-            return True
-    return exc.transient if isinstance(exc, StageFailed) else True
+        except Exception:  # noqa: BLE001 - a result that cannot be read is no evidence of IO: do not retry
+            return False
+        if not isinstance(exc, BaseException):
+            return False
+    return exc.transient if isinstance(exc, StageFailed) else transient_exception(exc)
 
 
-def io_options(io_retries: int) -> dict[str, Any]:
+def io_options(io_retries: int, backoff_s: float = IO_RETRY_BACKOFF_S) -> dict[str, Any]:
     """``Task.with_options`` for an IO-bound task: ``io_retries`` retries with exponential backoff and jitter."""
-    return {"retries": io_retries, "retry_delay_seconds": exponential_backoff(backoff_factor=IO_RETRY_BACKOFF_S),
+    return {"retries": io_retries, "retry_delay_seconds": exponential_backoff(backoff_factor=backoff_s),
             "retry_jitter_factor": 0.5, "retry_condition_fn": retry_if_transient}
 
 

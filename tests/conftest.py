@@ -11,6 +11,10 @@ from PIL import Image
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# One torch/OpenMP thread per test process (and the stages they start): `make test` runs one xdist worker per
+# core, and a second thread per worker only fights the other worker for the same cores (2-4x slower steps).
+# Set before anything imports torch; a user's own OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tasks.core.config import Paths
 
@@ -40,7 +44,7 @@ def tmp_paths(root: Path) -> Paths:
                  test_ledger=str(root / "test_ledger"), register_report=str(root / "reports" / "register.json"))
 
 
-LAYERS = ("unit", "stage", "e2e", "contracts")  # one marker per folder: `pytest -m unit` runs tests/unit
+LAYERS = ("unit", "stage", "e2e", "contracts", "reliability")  # one marker per folder: `pytest -m unit` runs tests/unit
 
 
 def pytest_collection_modifyitems(config, items):

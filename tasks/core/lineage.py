@@ -40,9 +40,15 @@ def git_state(root: str | Path = ".") -> dict:
         built = os.environ.get(IMAGE_SHA_ENV, "").strip()
         if built and built != "unknown":  # the Dockerfile's default when no --build-arg was given
             return {"git_sha": built, "git_dirty": None, "git_sha_source": IMAGE_SHA_SOURCE}
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                 *(f":(exclude){f}" for f in DVC_WRITTEN), root=root)
-    return {"git_sha": sha or "unknown", "git_dirty": bool(status) if status is not None else None}
+    changed = dirty_files(root) if sha is not None else None
+    return {"git_sha": sha or "unknown", "git_dirty": bool(changed) if changed is not None else None}
+
+
+def dirty_files(root: str | Path = ".") -> list[str] | None:
+    """Tracked files with uncommitted changes (staged or not) under ``root``, the DVC-written files aside (the one
+    definition of "dirty" for lineage and preflight); None when there is no repository or no git."""
+    out = git("diff", "--name-only", "HEAD", "--", ".", *(f":(exclude){f}" for f in DVC_WRITTEN), root=root)
+    return None if out is None else [line for line in out.splitlines() if line.strip()]
 
 
 def code_version(root: str | Path = ".", under: str = "tasks") -> dict:

@@ -189,6 +189,8 @@ def test_retries_only_on_transient_io_failures():
     transient = StageFailed("register", 1, "connection refused", transient=True)
     assert stages.retry_if_transient(None, None, S(transient))
     assert not stages.retry_if_transient(None, None, S(StageFailed("ingest", 1, "keel ingest: error: no such bucket")))
+    assert not stages.retry_if_transient(None, None, S(KeyError("a bug in the flow is not retried")))
+    assert stages.retry_if_transient(None, None, S(ConnectionResetError("connection reset by peer")))
     assert dvc_run.looks_transient("botocore.exceptions.EndpointConnectionError: Could not connect")
     assert dvc_run.looks_transient("botocore: An error occurred (503) when calling GetObject: Slow Down")
     assert dvc_run.looks_transient("HTTP 503 Service Unavailable") and dvc_run.looks_transient("status code: 429")

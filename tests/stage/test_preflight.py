@@ -155,7 +155,7 @@ def test_checklist_passes_on_digits_with_evidence(full):
     split = report.item("splits_frozen").evidence
     assert split["manifest_sha256"] == split["recorded_sha256"] and split["leakage_passed"] is True
     sched = report.item("batch_lr_schedule").evidence
-    assert sched["scaled_lr"] == pytest.approx(2e-3 * 32 / 256) and sched["effective_batch"] == 32
+    assert sched["scaled_lr"] == pytest.approx(TrainConfig().lr * 32 / 256) and sched["effective_batch"] == 32
     dry = report.item("logging_dry_step").evidence
     assert dry["tracker"].startswith("mlflow") and dry["run_id"]
     assert {"train_loss", "lr", "grad_norm", "val_accuracy"} <= dry["metrics_read_back"].keys()
@@ -183,6 +183,19 @@ def test_dirty_tree_fails_reproducibility_naming_files(tmp_path):
     assert checks_run.reproducibility(TrainConfig(deterministic=False), True, repo, None).status == "fail"
 
 
+def test_dvc_lock_written_by_dvc_repro_is_not_a_dirty_tree(tmp_path):
+    """`dvc repro` rewrites dvc.lock before it runs train: train.preflight: true must not fail on that."""
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "dvc.lock").write_text("schema: '2.0'\n")
+    repo = git_repo(tmp_path / "repo")  # commits dvc.lock with the code
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    item = checks_run.reproducibility(TrainConfig(), False, repo, None)
+    assert item.status == "pass" and item.evidence["dirty_files"] == [], item.what_to_do
+    (repo / "train.py").write_text("print('v2')\n")
+    item = checks_run.reproducibility(TrainConfig(), False, repo, None)
+    assert item.status == "fail" and item.evidence["dirty_files"] == ["train.py"]
+
+
 def test_missing_or_altered_manifest_fails_splits(digits_pipeline, tmp_path):
     p, *_ = digits_pipeline
     item = checks_data.splits_frozen(p.model_copy(update={"split_manifest": str(tmp_path / "nope.parquet")}))
@@ -197,7 +210,7 @@ def test_missing_or_altered_manifest_fails_splits(digits_pipeline, tmp_path):
 def test_large_batch_without_warmup_fails_schedule():
     item = checks_run.batch_lr_schedule(TrainConfig(batch_size=128, effective_batch=4096, warmup_steps=0))
     assert item.status == "fail"
-    assert item.evidence["scaled_lr"] == pytest.approx(2e-3 * 4096 / 256) and item.evidence["accumulation"] == 32
+    assert item.evidence["scaled_lr"] == pytest.approx(TrainConfig().lr * 4096 / 256) and item.evidence["accumulation"] == 32
     assert "effective batch 4096" in item.what_to_do and "warmup_steps" in item.what_to_do
     floor = checks_run.batch_lr_schedule(TrainConfig(lr_floor=0.0))
     assert floor.status == "fail" and "lr_floor" in floor.what_to_do

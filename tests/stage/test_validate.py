@@ -179,7 +179,7 @@ def test_width_out_of_bounds(tmp_path):
 
     assert "val: expect_column_values_to_be_between(width): 1 unexpected (values 20000 x1), e.g. ids too-wide-1" \
         in msg
-    assert "[1, 4096]" in msg
+    assert "[8, 4096]" in msg  # validate.min_width defaults to 8 (as params.yaml)
     assert [f.split for f in result.failures] == ["val"]
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tasks.core.config import ConfigError, load_params
@@ -55,3 +57,28 @@ def test_validate_bounds_must_be_ordered(tmp_path):
     p = write(tmp_path, "validate:\n  min_width: 8\n  max_width: 4\n")
     with pytest.raises(ConfigError, match=r"validate: .*min_width=8 is greater than max_width=4"):
         load_params(p)
+
+
+def test_a_flow_section_is_refused_and_points_at_the_flow_arguments(tmp_path):
+    """Nothing reads a `flow:` section: accepting it would let a user believe their retries were set."""
+    p = write(tmp_path, "flow:\n  io_retries: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['flow'\].*python -m flows.pipeline --help"):
+        load_params(p)
+
+
+def test_the_schema_defaults_are_params_yaml():
+    """One set of defaults: every value params.yaml ships equals the typed schema's default, so the code, the
+    tests that build a section with defaults and a user's params.yaml all mean the same recipe."""
+    import yaml
+
+    from tasks.core.config import Params
+
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    differ = []
+    for name, field in Params.model_fields.items():
+        section = raw.get(field.alias or name)
+        defaults = field.annotation().model_dump()
+        for key, value in (section or {}).items():
+            if defaults.get(key) != value:
+                differ.append(f"{field.alias or name}.{key}: schema {defaults.get(key)!r}, params.yaml {value!r}")
+    assert not differ, "\n".join(differ)

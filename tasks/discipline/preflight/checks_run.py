@@ -39,8 +39,7 @@ def batch_lr_schedule(cfg: TrainConfig) -> CheckItem:
 def reproducibility(cfg: TrainConfig, allow_dirty: bool, root: str | Path, dry: dict | None) -> CheckItem:
     name = "reproducibility"
     git = lineage.git_state(root)
-    changed = lineage.git("diff", "--name-only", "HEAD", root=root) or ""  # staged + unstaged, tracked files
-    dirty_files = [line for line in changed.splitlines() if line.strip()]
+    dirty_files = lineage.dirty_files(root) or []  # dvc.lock aside: `dvc repro` rewrites it while it runs us
     ev = {"seed": cfg.seed, "deterministic": cfg.deterministic, "git_sha": git["git_sha"],
           "dirty_files": dirty_files, "allow_dirty": allow_dirty,
           "environment_hash": lineage.environment_hash(root)[:16],
