@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench reliability clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ run: install
 # one worker per core, whole files per worker (their module-scoped fixtures are built once): 48 -> 30 min on 2 cores
 test: install
 	$(BIN)/python -m pytest -n auto --dist loadfile
+
+# the reliability suite with its figures recorded, then docs/reliability.md rendered from them (one command)
+reliability: install
+	rm -rf reports/reliability
+	KEEL_RELIABILITY_DIR=reports/reliability $(BIN)/python -m pytest -n auto --dist loadfile -m reliability tests/reliability
+	$(BIN)/python tests/reliability/render.py reports/reliability docs/reliability.md
 
 lint: install
 	$(BIN)/ruff check tasks flows tests bench infra

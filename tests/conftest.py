@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -89,3 +90,31 @@ def digits_trained(digits_pipeline):
     p, *_ = digits_pipeline
     result = loop.run(TrainConfig(**DIGITS_TRAIN), p)
     return p, result
+
+
+# ---------------------------------------------------------------- the reliability figures
+# Reliability tests (marker `reliability`: tests/reliability and the trials that reuse a stage file's fixtures)
+# call ``record(kind, **fields)`` for every trial or case they run. The rows go to
+# ``$KEEL_RELIABILITY_DIR/<test file>.jsonl`` when that variable is set (``make reliability`` sets it, then
+# renders docs/reliability.md from them with tests/reliability/render.py); a plain ``make test`` writes nothing.
+RELIABILITY_DIR_ENV = "KEEL_RELIABILITY_DIR"
+
+
+@pytest.fixture
+def record(request):
+    """``record(kind, **fields)``: one row (a trial or a case) of the figures in docs/reliability.md."""
+    out_dir = os.environ.get(RELIABILITY_DIR_ENV)
+    rows: list[dict] = []
+
+    def _record(kind: str, **fields) -> dict:
+        row = {"kind": kind, "test": request.node.name, **fields}
+        rows.append(row)
+        if out_dir:
+            path = Path(out_dir) / f"{Path(str(request.node.path)).stem}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+        return row
+
+    _record.rows = rows
+    return _record

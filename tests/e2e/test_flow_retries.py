@@ -11,6 +11,7 @@ import pytest
 
 from tests.e2e.test_flows import _clean_env
 from tests.e2e.test_pipeline import REPO
+from tests.support.mlflow_server import free_port
 
 SCRIPT = r'''
 import json, sys
@@ -48,15 +49,40 @@ def wiring():
             out[name] = f"failed: {type(exc).__name__}"
     return out
 
+@flow(name="push-outage", persist_result=False)
+def push_outage(project_dir):
+    """The real push task (`dvc push`) against an S3 endpoint nobody listens on."""
+    from prefect.client.orchestration import get_client
+    from flows.stages import dvc_push
+
+    fut = dvc_push.with_options(**io_options(2, backoff_s=0.01)).submit(project_dir)
+    fut.wait()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_run(fut.task_run_id).run_count
+    try:
+        fut.result()
+        return {"runs": runs, "error": None}
+    except StageFailed as exc:
+        return {"runs": runs, "error": str(exc), "transient": exc.transient}
+
 result = wiring()
-print("RESULT " + json.dumps({"result": result, "attempts": attempts}))
+pushed = push_outage(sys.argv[1])
+print("RESULT " + json.dumps({"result": result, "attempts": attempts, "push": pushed}))
 '''
 
 
 @pytest.mark.slow
 def test_io_retries_retry_only_transient_failures_in_a_real_flow(tmp_path):
-    env = _clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+    env = _clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"), AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s",
+                     AWS_DEFAULT_REGION="us-east-1")
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "blob.bin").write_bytes(b"x" * 1000)
+    dead = f"http://127.0.0.1:{free_port()}"
+    for cmd in ("git init -q", "dvc init -q", "dvc add -q blob.bin", "dvc remote add -d s3r s3://b/dvc",
+                f"dvc remote modify s3r endpointurl {dead}"):
+        subprocess.run(cmd, cwd=project, shell=True, env=env, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(project)], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300, check=False)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-3000:]
@@ -66,3 +92,7 @@ def test_io_retries_retry_only_transient_failures_in_a_real_flow(tmp_path):
                                "network_error": 2, "always_transient": 4}
     assert got["result"]["bug_in_flow_code"] == "failed: KeyError"
     assert got["result"]["always_transient"] == "failed: StageFailed"
+    # the real push task: `dvc push` to an endpoint that is down is retried twice, then fails naming it
+    push = got["push"]
+    assert push["runs"] == 3 and push["transient"] is True, push
+    assert "Could not connect to the endpoint URL" in push["error"] and dead in push["error"], push

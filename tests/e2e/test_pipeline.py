@@ -133,3 +133,28 @@ def test_cli_errors_are_readable(clone, tmp_path):
     assert "train: expect_column_values_to_be_between(width)" in r.stderr and "e.g. ids" in r.stderr
     r = sh(["keel", "--help"], clone)
     assert all(s in r.stdout for s in STAGES)
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_two_dvc_repro_at_once_leave_the_ledger_valid(clone, record):
+    """Two `dvc repro` of evaluate started together in one project: DVC's lock lets one run and refuses the
+    other by name; the test-access ledger keeps whole, unique lines and gains no read (same model: recorded)."""
+    led = clone / "data/test_ledger/ledger.jsonl"
+    before = led.read_text().splitlines()
+    cmd = ["dvc", "repro", "--force", "--single-item", "evaluate"]
+    procs = [subprocess.Popen(cmd, cwd=clone, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    done = [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+    after = led.read_text().splitlines()
+    entries = [json.loads(line) for line in after]
+    new = [e["action"] for e in entries[len(before):]]
+    codes = sorted(rc for rc, _, _ in done)
+    locked = [err for rc, _, err in done if rc != 0]
+    ok = (after[:len(before)] == before and len(after) == len(set(after)) and "read" not in new
+          and (codes == [0, 0] or (codes[0] == 0 and locked and "lock" in locked[0].lower()))
+          and not any("Traceback" in err for _, _, err in done))
+    record("concurrency", case="two `dvc repro` of evaluate at once", ok=ok,
+           outcome=f"exit codes {codes}, new ledger entries {new}")
+    assert ok, (codes, new, [err[-1500:] for _, _, err in done])

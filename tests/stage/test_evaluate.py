@@ -358,3 +358,52 @@ def test_cli_exits_1_with_a_readable_error_on_a_refused_second_look(first, digit
     assert "keel evaluate: error: second look at the sealed test split refused" in r.stderr
     assert res0.model_sha256[:12] in r.stderr and "Traceback" not in r.stderr
     assert [e["action"] for e in ledger(ep)] == ["read", "refused"]
+
+
+# ---------------------------------------------------------------- two at once (reliability suite)
+def _evaluate_at_once(params_files: list[Path]) -> list[subprocess.CompletedProcess]:
+    """``keel evaluate`` for each params file, all started before any has finished (real processes)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tasks.cli", "evaluate", "--params", str(f)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in params_files]
+    out = []
+    for pr, f in zip(procs, params_files):
+        stdout, stderr = pr.communicate(timeout=600)
+        out.append(subprocess.CompletedProcess(pr.args, pr.returncode, stdout, stderr))
+    return out
+
+
+def _params_file(root: Path, ep, second_look: str = "strict") -> Path:
+    f = root / f"params-{len(list(root.glob('params-*.yaml')))}.yaml"
+    f.write_text(yaml.safe_dump({"paths": ep.model_dump(), "evaluate": {"second_look": second_look}}))
+    return f
+
+
+@pytest.mark.reliability
+def test_two_evaluations_at_once_keep_one_valid_ledger(digits_trained, tmp_path, record):
+    """Two `keel evaluate` of the same model at the same moment: one reads the test split, the other returns its
+    recorded result; two different models at once under strict: one read, one refusal. Never two first looks,
+    never a torn or duplicated ledger line."""
+    p, _ = digits_trained
+    same = eval_paths(p, tmp_path / "same")
+    a, b = _evaluate_at_once([_params_file(tmp_path, same), _params_file(tmp_path, same)])
+    entries = ledger(same)
+    actions = sorted(e["action"] for e in entries)
+    ok = (a.returncode == b.returncode == 0 and actions == ["read", "recorded_result_returned"]
+          and "Traceback" not in a.stderr + b.stderr)
+    record("concurrency", case="two `keel evaluate` of one model at once", outcome=" + ".join(actions), ok=ok)
+    assert ok, (actions, a.stderr[-2000:], b.stderr[-2000:])
+    lines = (Path(same.test_ledger) / "ledger.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 2
+
+    other = eval_paths(p, tmp_path / "other", models_dir=altered_models(p, tmp_path / "other", perturb))
+    both = eval_paths(p, tmp_path / "other")
+    shutil.copytree(Path(p.models_dir), tmp_path / "orig-models")
+    first_model = eval_paths(p, tmp_path / "other", models_dir=str(tmp_path / "orig-models"))
+    a, b = _evaluate_at_once([_params_file(tmp_path, first_model), _params_file(tmp_path, other)])
+    actions = sorted(e["action"] for e in ledger(both))
+    refused = [r for r in (a, b) if r.returncode == 1]
+    ok = (actions == ["read", "refused"] and len(refused) == 1 and sorted((a.returncode, b.returncode)) == [0, 1]
+          and "second look at the sealed test split refused" in refused[0].stderr
+          and "Traceback" not in a.stderr + b.stderr)
+    record("concurrency", case="two models evaluated at once (strict)", outcome=" + ".join(actions), ok=ok)
+    assert ok, (actions, a.returncode, b.returncode, a.stderr[-2000:], b.stderr[-2000:])
