@@ -256,7 +256,8 @@ def _manifest(path: Path, root: Path, s3_endpoint: str | None) -> list[Candidate
                     what = "symlink" if full.is_symlink() or any(q.is_symlink() for q in full.parents) else "path"
                     cand.reject = ("path_escapes_root", f"{where}: {what} resolves to {real}, outside data root {root_real}")
                 elif not full.is_file():
-                    cand.reject = ("missing_file", f"{where}: {full} does not exist")
+                    cand.reject = ("missing_file", f"{where}: {full} " + ("is a folder, not an image file"
+                                                                        if full.is_dir() else "does not exist"))
                 else:
                     cand.path = str(full)
         if cand.reject is None and label is None:
