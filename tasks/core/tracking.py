@@ -17,6 +17,16 @@ How each call shows up in the MLflow UI:
   ``events_count`` (a point on the charts at the step it happened) and the tag ``last_event`` (visible live in
   the run overview).
 * ``close(status)``: FINISHED / FAILED / KILLED.
+* a new run carries the tags ``mlflow.start_run`` would give it (``mlflow.user``, ``mlflow.source.name`` and
+  ``.type``, ``mlflow.source.git.commit``: MLflow's own context providers, ``context_tags``), then keel's.
+* ``log_dataset``: an MLflow dataset input (the run's "Datasets used"): name, digest, source and context.
+
+``open_run`` is how a training gets its run: the one last.pt recorded when the server still has it (a resumed
+training continues its own run), else a new one tagged ``keel.replaces_run_id``.
+
+The fluent API's run context (``mlflow.start_run``/``mlflow.log_input``) is reproduced here on explicit run ids
+rather than used: its active run is process-global, and keel has two runs in one process (``keel train`` with
+``train.preflight`` logs its dry step to a run of its own before training).
 """
 from __future__ import annotations
 
@@ -46,6 +56,8 @@ TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 EVENTS_ARTIFACT = "events.jsonl"
 PARAMS_ARTIFACT = "params.json"
 TRUNCATED = "...[truncated]"
+MAX_DATASET_DIGEST_LENGTH = 36   # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
+REPLACES_TAG = "keel.replaces_run_id"
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
@@ -135,6 +147,44 @@ def _truncate_tag(value: Any) -> str:
     return s if len(s) <= MAX_TAG_VAL_LENGTH else s[: MAX_TAG_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
 
 
+def context_tags(tags: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The tags ``mlflow.start_run`` gives a new run in this process (MLflow's run context providers: user, entry
+    script, source type, its git commit, ...), with ``tags`` on top; credentials in a repo URL are redacted."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return redact(resolve_tags(dict(tags or {})))
+
+
+def open_run(experiment: str, run_name: str | None, tracking_uri: str, tags: dict[str, Any] | None = None,
+             resume_run_id: str | None = None, **kw: Any) -> MlflowLogger:
+    """The tracking run of a training: ``resume_run_id`` (from last.pt) reopened when this tracking server still
+    has it, so one training is one run however often it resumes; when the run is gone (deleted, another server)
+    a new one tagged ``keel.replaces_run_id``, said on stderr. ``kw``: ``MlflowLogger``'s."""
+    if resume_run_id is None:
+        return MlflowLogger(experiment, run_name, tracking_uri, tags, **kw)
+    gone = _gone(tracking_uri, resume_run_id)
+    if gone is None:
+        return MlflowLogger(experiment, run_name, tracking_uri, tags, resume_run_id=resume_run_id, **kw)
+    lg = MlflowLogger(experiment, run_name, tracking_uri, {**(tags or {}), REPLACES_TAG: resume_run_id}, **kw)
+    print(f"tracking: run {resume_run_id} (recorded in last.pt) {gone} on {redact(tracking_uri)}; the resumed "
+          f"training logs to a new run {lg.run_id}, tagged {REPLACES_TAG}={resume_run_id}", file=sys.stderr)
+    return lg
+
+
+def _gone(tracking_uri: str, run_id: str) -> str | None:
+    """Why ``run_id`` cannot be continued on this server ("does not exist", "is deleted"), None when it can."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return "does not exist"
+        raise
+    return "is deleted" if run.info.lifecycle_stage == "deleted" else None
+
+
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -177,7 +227,7 @@ class MlflowLogger:
             self.experiment_id = self._experiment_id(experiment, artifact_location)
             run = self.client.create_run(self.experiment_id, run_name=run_name,
                                          tags={_sanitize_key(k): _truncate_tag(v)
-                                               for k, v in redact(dict(tags or {})).items()})
+                                               for k, v in context_tags(redact(dict(tags or {}))).items()})
         self.run_id: str = run.info.run_id
         self.run_name: str = run.info.run_name
         self.artifact_uri: str = run.info.artifact_uri
@@ -275,6 +325,25 @@ class MlflowLogger:
             self.client.log_artifact(self.run_id, str(p))
         else:
             raise FileNotFoundError(f"artifact not found: {p}")
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training",
+                    tags: dict[str, Any] | None = None) -> None:
+        """What ``mlflow.log_input(MetaDataset(...), context=...)`` records, on this run: metadata only, no rows
+        are read or uploaded. ``digest`` is cut to MLflow's 36 characters (keep a full hash in ``tags``). Logging
+        the same dataset again (a resume) adds nothing."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # MLflow registers its local source for "" and "file:" and says so
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            src = resolve_dataset_source(str(source))
+        ds = MetaDataset(source=src, name=name, digest=str(digest)[:MAX_DATASET_DIGEST_LENGTH])
+        input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context),
+                      *(InputTag(_sanitize_key(k), _truncate_tag(v)) for k, v in redact(dict(tags or {})).items())]
+        self.flush()
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=input_tags)])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -23,6 +23,14 @@ class MetricLogger(Protocol):
     def close(self, status: str = "FINISHED") -> None: ...
 
 
+class OpenTracker(Protocol):
+    """Opens the tracking run for rank 0 once set-up knows what it resumes: ``resume_run_id`` is the run last.pt
+    recorded (None for a fresh start), ``run_info`` the run's lineage (config, data versions, git). The stage
+    closes the logger it returns."""
+
+    def __call__(self, resume_run_id: str | None, run_info: dict[str, Any]) -> MetricLogger: ...
+
+
 class NullLogger:
     """For ranks other than 0: every call is a no-op."""
 

@@ -12,8 +12,9 @@ from tasks.core.config import Paths
 
 def write(paths: Paths, state: dict, run_info: dict, step_log: list[dict], halted: str | None) -> None:
     plots = Path(paths.train_plots_dir)
+    skips = any("skipped_steps" in r for r in step_log)  # fp16: steps the loss scaler skipped (no grad norm)
     io.write_text(plots / "steps.csv", _csv(step_log, ["step", "train_loss", "lr", "grad_norm", "images_per_s",
-                                                        "data_wait_fraction"]))
+                                                        "data_wait_fraction"] + (["skipped_steps"] if skips else [])))
     single = any("val_accuracy_single_view" in r for r in state["history"])  # train.tta: the views' gain
     io.write_text(plots / "epochs.csv", _csv(state["history"], ["epoch", "step", "train_loss", "val_loss",
                                                                   "val_accuracy"]
@@ -60,7 +61,7 @@ def _plot(path: Path, steps: list[dict], epochs: list[dict]) -> None:
     ax[0, 1].set_title("val accuracy")
     ax[1, 0].plot(s, [r["lr"] for r in steps])
     ax[1, 0].set_title("learning rate")
-    ax[1, 1].plot(s, [r["grad_norm"] for r in steps])
+    ax[1, 1].plot(s, [r.get("grad_norm", np.nan) for r in steps])  # a skipped fp16 step has none
     ax[1, 1].set_title("grad norm (before clipping)")
     for a in ax.ravel():
         a.set_xlabel("step")

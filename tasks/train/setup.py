@@ -14,11 +14,11 @@ from tasks.core.secrets import redact
 from tasks.model import build as tmodel
 from tasks.model import views
 from tasks.train import data as tdata
-from tasks.train.callbacks import default_callbacks
+from tasks.train.callbacks import default_callbacks, last_checkpoint
 from tasks.train.distributed import Dist, fully_shard
 from tasks.train.errors import TrainError
 from tasks.train.feed import TrainFeed, data_mode
-from tasks.train.logger import JsonlLogger, MultiLogger, NullLogger
+from tasks.train.logger import JsonlLogger, MultiLogger, NullLogger, OpenTracker
 from tasks.train.optim import build_optimizer, build_scheduler, param_groups
 from tasks.train.plan import BatchPlan
 from tasks.train.step import TrainStep
@@ -81,7 +81,9 @@ def _loggers(paths, logger, master: bool):
     return (MultiLogger(files, logger) if logger is not None else files), files
 
 
-def build(cfg, paths, logger, dist: Dist, precision: str) -> Trainer:
+def build(cfg, paths, logger, dist: Dist, precision: str, tracker: OpenTracker | None = None) -> Trainer:
+    """``tracker`` (rank 0): opens the tracking run once last.pt has said whether this resumes one, so a resumed
+    training continues its own run; it is called last, when nothing here can fail any more."""
     runtime.seed_everything(cfg.seed, cfg.deterministic)
     index = io.ShardIndex.load(paths.shards_dir)
     feed, val_data, norm = _data(cfg, paths, index, dist)
@@ -107,7 +109,6 @@ def build(cfg, paths, logger, dist: Dist, precision: str) -> Trainer:
         return torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     data_versions = lineage.data_versions(paths.shards_dir, paths.split_manifest)
-    log, files = _loggers(paths, logger, dist.master)
     # what a served model must repeat (tasks.core.imaging.preprocess + Normalize); packaged with best.pt
     preprocessing = {"classes": index.classes, "mean": index.mean, "std": index.std, "resolution": index.resolution,
                      "channels": index.channels, "resize": index.resize, "background": list(index.background)}
@@ -124,11 +125,15 @@ def build(cfg, paths, logger, dist: Dist, precision: str) -> Trainer:
                 f"{cfg.reference_batch} -> {plan.scaled_lr:.3g}, {plan.total_steps} steps")
     step = TrainStep(model, opt, scaler, autocast, dist, plan.accumulation, cfg.grad_clip,
                      cfg.label_smoothing, soft_target_loss, ema)
+    key = resume_key(cfg, data_versions, dist.world)
+    resume = last_checkpoint.matching(Path(paths.models_dir) / "last.pt", key, dist)
+    if tracker is not None and dist.master:
+        logger = tracker(last_checkpoint.tracking_run_id(resume), run_info)
+    log, files = _loggers(paths, logger, dist.master)
     return Trainer(cfg=cfg, paths=paths, plan=plan, dist=dist, model=model, opt=opt, sched=sched, scaler=scaler,
                    ema=ema, autocast=autocast, norm=norm, feed=feed, val_data=val_data, mixup_fn=mixup_fn,
-                   step=step, logger=log, files=files, callbacks=default_callbacks(cfg),
-                   resume_key=resume_key(cfg, data_versions, dist.world), preprocessing=preprocessing,
-                   run_info=run_info, announce=announce,
+                   step=step, logger=log, files=files, tracker=logger, callbacks=default_callbacks(cfg),
+                   resume_key=key, resume=resume, preprocessing=preprocessing, run_info=run_info, announce=announce,
                    tracking={"tracking_run_id": getattr(logger, "run_id", None),
                              # never the password: run_info goes into best.pt/last.pt, params and events
                              "tracking_uri": redact(getattr(logger, "tracking_uri", None))})

@@ -36,8 +36,12 @@ Why the thresholds are what they are:
   against the first window of the run. The first window is the natural scale of this model/loss/init; a
   sustained ``grad_growth`` (10x) rise above it is an order of magnitude, far beyond what a decaying LR
   schedule or unfreezing a backbone produces, and is the classic precursor of a NaN. A single non-finite
-  norm fires at once. Pass only norms of steps that were actually applied: with an fp16 ``GradScaler`` the
-  overflow steps it skips report an inf norm by design.
+  norm fires at once. Steps the fp16 ``GradScaler`` skipped (``skipped=True``) are not judged: their inf/NaN
+  norm is the overflow the scaler exists to absorb, and the update never happened.
+* ``steps_skipped``: ``max_consecutive_skips`` (25) skipped fp16 steps in a row. A scaler skips a few steps at
+  the start while it backs its scale off from 2^16 (one halving per skip) and one now and then when it tries
+  to grow again; 25 in a row means the scale fell below 2^-9 and the gradients still overflow, i.e. they are
+  inf/NaN at any scale (a bad batch, a broken loss, an LR that blew the weights up) and nothing is learning.
 * ``val_diverging`` needs at least ``min_epochs_for_divergence`` (3) ``on_epoch`` calls (counted, so 0-
   and 1-based epoch numbers behave the same) -- the first epochs' val loss is dominated by warm-up and BN
   statistics settling -- and two consecutive val-loss rises while the train loss fell on both: one rise is
@@ -63,6 +67,7 @@ SIGNAL_NAMES = (
     "train_loss_rising",
     "train_loss_oscillating",
     "grad_norm_exploding",
+    "steps_skipped",
     "val_diverging",
     "val_flat",
 )
@@ -102,7 +107,7 @@ class SignalMonitor:
     FLAT_AFTER_EPOCHS = 3
 
     def __init__(self, *, window: int = 20, min_epochs_for_divergence: int = 3, flat_tolerance: float = 1e-3,
-                 grad_growth: float = 10.0):
+                 grad_growth: float = 10.0, max_consecutive_skips: int = 25):
         if window < 3:
             raise ValueError(f"window must be >= 3 (direction changes need 3 points), got {window}")
         if grad_growth <= 1:
@@ -113,6 +118,7 @@ class SignalMonitor:
         self.min_epochs_for_divergence = int(min_epochs_for_divergence)
         self.flat_tolerance = float(flat_tolerance)
         self.grad_growth = float(grad_growth)
+        self.max_consecutive_skips = max(1, int(max_consecutive_skips))
         self._reset()
 
     def _reset(self) -> None:
@@ -125,6 +131,7 @@ class SignalMonitor:
         self._metric_min: float | None = None
         self._metric_max: float | None = None
         self._active: set[str] = set()
+        self._skips = 0                                              # skipped fp16 steps in a row, up to now
 
     # -- edge triggering -----------------------------------------------------------------------------------
     def _edge(self, name: str, condition: bool, step: int, detail, out: list[Signal]) -> None:
@@ -137,7 +144,8 @@ class SignalMonitor:
             self._active.discard(name)
 
     # -- per step ------------------------------------------------------------------------------------------
-    def on_step(self, step: int, loss: float, grad_norm: float) -> list[Signal]:
+    def on_step(self, step: int, loss: float, grad_norm: float, skipped: bool = False) -> list[Signal]:
+        """``skipped``: the fp16 GradScaler skipped this update; its grad norm is then not judged."""
         out: list[Signal] = []
         loss = float(loss)
         grad_norm = float(grad_norm)
@@ -179,6 +187,14 @@ class SignalMonitor:
                            lambda: f"train loss changed direction on {turns} of the last {w - 2} steps with "
                                    f"std/mean {_g(spread)} (> {self.OSCILLATION_REL_SPREAD}, "
                                    f"mean {_g(mean)}) -- the LR is likely too high: lower train.lr", out)
+
+        self._skips = self._skips + 1 if skipped else 0
+        self._edge("steps_skipped", self._skips >= self.max_consecutive_skips, step,
+                   lambda: f"the fp16 loss scaler skipped the last {self._skips} steps in a row (inf/NaN gradients at "
+                           f"every scale) -- nothing is being learned: check the data and loss for NaN/inf, lower "
+                           f"train.lr, or train in bf16/fp32", out)
+        if skipped:  # the overflow the scaler absorbed, not the model's gradient scale
+            return out
 
         # gradient norm
         if math.isfinite(grad_norm):
@@ -251,6 +267,7 @@ class SignalMonitor:
             "metric_min": self._metric_min,
             "metric_max": self._metric_max,
             "active": sorted(self._active),
+            "skips": self._skips,
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -267,3 +284,4 @@ class SignalMonitor:
         for k in ("metric_first", "metric_min", "metric_max"):
             setattr(self, f"_{k}", None if d[k] is None else float(d[k]))
         self._active = {n for n in d["active"] if n in SIGNAL_NAMES}
+        self._skips = int(d.get("skips", 0))  # absent in a last.pt written before skipped steps were counted

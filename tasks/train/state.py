@@ -46,6 +46,7 @@ class StepValues:
     loss: float
     grad_norm: float
     lr: float
+    skipped: bool | None = None  # fp16: the GradScaler skipped this update (inf/NaN grads); None: no scaler
 
 
 @dataclass

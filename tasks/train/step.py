@@ -38,6 +38,8 @@ class StepOutput:
     index: int                # the last micro-batch's index in the epoch
     loss: torch.Tensor        # the effective batch's mean loss over every rank (device scalar)
     grad_norm: torch.Tensor   # before clipping (device scalar)
+    # fp16: the GradScaler found inf/NaN gradients and skipped the update (device bool); None without a scaler
+    skipped: torch.Tensor | None = None
 
 
 class TrainStep:
@@ -90,9 +92,17 @@ class TrainStep:
         grad_norm = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
         # the mean over the whole effective batch; the logged loss is the global batch's, as one process's
         loss_value = self.dist.mean(step_loss / self.accumulation)
+        scale = self._scale()
+        before = scale.clone() if scale is not None else None
         self.scaler.step(self.opt)
-        self.scaler.update()
+        self.scaler.update()  # backs the scale off (in place) exactly when it skipped the step
+        skipped = scale < before if scale is not None else None
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model, step=step)
-        return StepOutput(i, loss_value.detach(), grad_norm.detach())
+        return StepOutput(i, loss_value.detach(), grad_norm.detach(), skipped)
+
+    def _scale(self) -> torch.Tensor | None:
+        """The fp16 loss scale as the device tensor the scaler updates in place (None when it is off). Read on
+        the device, not with ``get_scale()``, which would add a host sync per step."""
+        return getattr(self.scaler, "_scale", None) if self.scaler.is_enabled() else None

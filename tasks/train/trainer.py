@@ -26,11 +26,13 @@ from tasks.train.validation import evaluate
 class Trainer:
     def __init__(self, *, cfg, paths, plan, dist, model, opt, sched, scaler, ema, autocast, norm, feed, val_data,
                  mixup_fn, step, logger, files, callbacks, resume_key: str, preprocessing: dict, run_info: dict,
-                 announce: str, tracking: dict):
+                 announce: str, tracking: dict, tracker=None, resume: dict | None = None):
         self.cfg, self.paths, self.plan, self.dist = cfg, paths, plan, dist
         self.model, self.opt, self.sched, self.scaler, self.ema = model, opt, sched, scaler, ema
         self.autocast, self.norm, self.feed, self.val_data, self.mixup_fn = autocast, norm, feed, val_data, mixup_fn
         self.step, self.logger, self.files, self.callbacks = step, logger, files, callbacks
+        self.tracker = tracker  # the tracking run set-up opened (rank 0), closed by loop.run; part of ``logger``
+        self.resume = resume    # the matching last.pt, restored on_fit_start (LastCheckpoint)
         self.resume_key, self.preprocessing, self.run_info, self._announce = (resume_key, preprocessing, run_info,
                                                                                announce)
         self.tracking = tracking  # the tracking run's id and URI, for run_info (rank 0; None without one)
@@ -94,13 +96,14 @@ class Trainer:
     def _read_back(self, epoch: int) -> bool:
         """Hand the queued steps' values to the callbacks, in order; True when the epoch must stop."""
         t_sync = time.perf_counter()
-        values = torch.stack([torch.stack([o.loss.float(), o.grad_norm.float()]) for _, o, _ in self.pending]
-                             ).tolist()  # the window's host-device sync point
+        values = torch.stack([torch.stack([o.loss.float(), o.grad_norm.float(),
+                                           *([o.skipped.float()] if o.skipped is not None else [])])
+                              for _, o, _ in self.pending]).tolist()  # the window's host-device sync point
         # the losses are already the global batch's (all-reduced): every rank sees the same values
         self.fire("on_read_back")
         self.window.busy += time.perf_counter() - t_sync  # waiting for the device to finish the window's steps
-        for (step, _, lr), (loss, grad_norm) in zip(self.pending, values):
-            v = StepValues(step, epoch, loss, grad_norm, lr)
+        for (step, o, lr), (loss, grad_norm, *skipped) in zip(self.pending, values):
+            v = StepValues(step, epoch, loss, grad_norm, lr, bool(skipped[0]) if o.skipped is not None else None)
             for cb in self.callbacks:
                 cb.on_step_values(self, v)
                 if self.halted:
@@ -169,11 +172,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- start and end
     def _log_start(self) -> None:
-        self.run_info["resumed_from_step"] = self.state.resumed_from
+        resumed = self.state.resumed_from
+        self.run_info["resumed_from_step"] = resumed
         self.run_info.update(self.tracking)
-        self.logger.log_params(self.run_info)
+        # a resume continues the same tracking run, whose params are fixed: where it resumed is an event
+        self.logger.log_params({k: v for k, v in self.run_info.items() if k != "resumed_from_step"})
+        if resumed:
+            self.logger.log_event("resumed", f"resumed at step {resumed} from {self.last_path}", resumed)
         if self.dist.master:
-            resumed = self.state.resumed_from
             print(self._announce + (f"; resuming at step {resumed}" if resumed else ""), file=sys.stderr)
 
     def _print_epoch(self, v: Validation) -> None:

@@ -154,3 +154,34 @@ def test_server_round_trip_and_resume(tmp_path, workdir, monkeypatch):
     assert str(srv.port) not in left and str(srv.dir) not in left, left
     assert not srv.dir.exists()
     assert list(workdir.iterdir()) == []
+
+
+def test_open_run_continues_a_run_or_replaces_a_missing_one(tmp_path, workdir, capsys):
+    """What a resumed training gets: its own run back when the store has it, else a new run that names the one it
+    replaces; a new run carries MLflow's context tags, and a dataset logged twice is one input."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.core.tracking import REPLACES_TAG, open_run
+
+    uri = tracking_uri(tmp_path / "project")
+    first = open_run("keel-test", "m-1234abcd", uri, tags={"keel.stage": "train"})
+    for _ in range(2):  # at the start and again at a resume: one input
+        first.log_dataset("shards", "ab" * 32, str(tmp_path / "shards"), tags={"keel.shard_index_sha256": "ab" * 32})
+    first.close("KILLED")
+    again = open_run("keel-test", "ignored", uri, resume_run_id=first.run_id)
+    assert again.run_id == first.run_id and again.resumed
+    again.close()
+    client = MlflowClient(uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "m-1234abcd"
+    assert {"mlflow.user", "mlflow.source.name", "mlflow.source.type"} <= run.data.tags.keys()
+    [ds] = run.inputs.dataset_inputs
+    assert ds.dataset.digest == ("ab" * 32)[:36] and ds.dataset.name == "shards"
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
+
+    new = open_run("keel-test", "m-1234abcd", uri, resume_run_id="0" * 32)
+    new.close()
+    assert new.run_id != "0" * 32
+    assert client.get_run(new.run_id).data.tags[REPLACES_TAG] == "0" * 32
+    assert f"run {'0' * 32} (recorded in last.pt) does not exist" in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []

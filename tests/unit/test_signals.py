@@ -1,6 +1,7 @@
 """SignalMonitor on synthetic traces: each signal fires once where expected, re-arms, survives a resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -211,7 +212,8 @@ def mixed_trace():
             g = 50.0 if (epoch == 4 and i > 10) or (epoch == 6 and i == 7) else rng.normal(1.0, 0.1)
             if epoch == 6 and i == 8:
                 g = float("inf")
-            ev.append(("s", step, loss, g))
+            skipped = epoch == 7 and 10 <= i < 40               # fp16 scaler skipping 30 steps in a row
+            ev.append(("s", step, loss, float("inf") if skipped else g, skipped))
             step += 1
         ev.append(("e", epoch, step, train[epoch], val[epoch], metric[epoch]))
     return ev
@@ -230,7 +232,7 @@ def test_mixed_trace_triggers_every_signal():
     assert {n for n, _, _ in got} == set(SIGNAL_NAMES)
 
 
-@pytest.mark.parametrize("cut", [100, 150, 200, 263, 300, 400])
+@pytest.mark.parametrize("cut", [100, 150, 200, 263, 300, 400, 440])
 def test_state_dict_round_trip_is_identical(cut):
     events = mixed_trace()
     expected = run(SignalMonitor(), events)
@@ -270,3 +272,88 @@ def test_state_dict_is_strict_json_after_a_nan_epoch():
 def test_load_rejects_unknown_version():
     with pytest.raises(ValueError, match="version"):
         SignalMonitor().load_state_dict({"version": 99})
+
+
+def test_skipped_fp16_steps_are_not_an_exploding_grad_norm():
+    """A step the fp16 GradScaler skipped reports an inf/NaN grad norm by design: not a signal, and it neither
+    enters the median windows nor re-arms an active signal."""
+    mon = SignalMonitor(window=5)
+    grads = [1.0] * 6 + [float("inf"), float("nan")] * 3 + [1.0] * 4
+    skipped = [False] * 6 + [True] * 6 + [False] * 4
+    sigs = [s for i, (g, sk) in enumerate(zip(grads, skipped)) for s in mon.on_step(i, 1.0, g, skipped=sk)]
+    assert sigs == []
+    assert mon.state_dict()["grads"] == [1.0] * 5  # only the applied steps' norms
+    assert mon.state_dict()["skips"] == 0  # the run of skips ended
+
+
+def test_many_consecutive_skipped_steps_fire_once_and_rearm():
+    mon = SignalMonitor(max_consecutive_skips=4)
+    trace = [True] * 3 + [False] + [True] * 6 + [False] + [True] * 4
+    sigs = [s for i, sk in enumerate(trace) for s in mon.on_step(i, 1.0, float("inf") if sk else 1.0, skipped=sk)]
+    assert [(s.name, s.step) for s in sigs] == [("steps_skipped", 7), ("steps_skipped", 14)]
+    assert "4 steps in a row" in sigs[0].detail and "bf16" in sigs[0].detail
+
+
+def test_skip_count_survives_a_resume_and_old_states_load():
+    mon = SignalMonitor(max_consecutive_skips=4)
+    for i in range(3):
+        mon.on_step(i, 1.0, float("inf"), skipped=True)
+    resumed = SignalMonitor(max_consecutive_skips=4)
+    resumed.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+    assert [s.name for s in resumed.on_step(3, 1.0, float("inf"), skipped=True)] == ["steps_skipped"]
+    old = {k: v for k, v in mon.state_dict().items() if k != "skips"}  # a last.pt from before skip counting
+    SignalMonitor().load_state_dict(old)
+
+
+def _tiny_step(scaler):
+    import torch
+
+    from tasks.train.step import TrainStep
+    from tests.unit.train.fakes import FakeDist
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, TrainStep(model, opt, scaler, contextlib.nullcontext, FakeDist(), accumulation=1, grad_clip=1.0,
+                            label_smoothing=0.0)
+
+
+def test_a_step_the_fp16_scaler_skips_is_counted_not_logged_as_a_grad_norm():
+    """An inf gradient under an enabled GradScaler (CPU here, as on CUDA): the update is skipped, the step says
+    so, and neither the signal monitor nor the step log see its inf grad norm."""
+    import torch
+
+    from tasks.train.callbacks.signal_events import SignalEvents
+    from tasks.train.callbacks.step_log import StepLog
+    from tasks.train.state import StepValues
+    from tests.unit.train.fakes import FakeTrainer
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model, step = _tiny_step(scaler)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    out = step(model, iter([(0, x, None, y)]), 0)
+    assert out.skipped is not None and not bool(out.skipped)  # a normal step: applied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hook = model.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    out = step(model, iter([(1, x, None, y)]), 1)
+    hook.remove()
+    assert bool(out.skipped) and not torch.isfinite(out.grad_norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the update did not happen
+    assert scaler.get_scale() == 2.0**7
+
+    t = FakeTrainer([SignalEvents(), StepLog(log_every=1)])
+    for i in range(30):  # an applied step, then a window's worth of skipped ones
+        v = StepValues(i, 0, 1.0, float(out.grad_norm) if i else 1.0, 0.01, skipped=i > 0)
+        for cb in t.callbacks:
+            cb.on_step_values(t, v)
+    assert [name for name, _, _ in t.logger.events] == ["steps_skipped"]  # 25 in a row; no grad_norm_exploding
+    assert [m.get("grad_norm") for _, m in t.logger.metrics] == [1.0] + [None] * 29
+    assert [m["skipped_steps"] for _, m in t.logger.metrics] == [0] + [1] * 29
+
+
+def test_without_a_scaler_no_step_reports_skipping():
+    import torch
+
+    model, step = _tiny_step(torch.amp.GradScaler("cpu", enabled=False))
+    out = step(model, iter([(0, torch.randn(8, 4), None, torch.randint(0, 3, (8,)))]), 0)
+    assert out.skipped is None

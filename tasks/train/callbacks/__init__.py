@@ -5,6 +5,7 @@
 ``train.log_every_steps``, validation, the epoch's end), so no callback adds a host-device sync, and every
 cross-rank decision is one ``trainer.dist.agree(flag)`` (all_reduce MAX) inside those windows::
 
+    (set-up reads a matching last.pt first: the tracking run to open is the one it names)
     on_fit_start                      # LastCheckpoint: resume from last.pt; TransferPhases: the starting phase;
                                       # SigTerm: install the handler (it only sets a flag)
     wrap the model (DDP / compile); log the run's params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,20 +35,34 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all([c.cpu() for c in s["cuda"]])
 
 
+def matching(path: Path, resume_key: str, dist) -> dict | None:
+    """last.pt when this run resumes it (the same ``resume_key``: config, data versions, world size), else None.
+    Read at set-up, before the tracking run is opened, because the run to log to is the one last.pt names."""
+    if not path.exists():
+        return None
+    ck = checkpoint.load(path, dist.device, what="resume checkpoint (last.pt)")
+    if ck.get("resume_key") != resume_key:
+        if dist.master:
+            print(f"train: {path} is from a different config or data version; starting fresh", file=sys.stderr)
+        return None
+    return ck
+
+
+def tracking_run_id(ck: dict | None) -> str | None:
+    """The tracking run the checkpointed training logged to (a plain string in ``run_info``), if any."""
+    run_id = ((ck or {}).get("run_info") or {}).get("tracking_run_id")
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
 class LastCheckpoint(Callback):
     name = "last_checkpoint"
 
     def on_fit_start(self, t) -> None:
-        if t.last_path.exists():
-            self.restore(t)
+        if t.resume is not None:  # the matching last.pt, read at set-up
+            self.restore(t, t.resume)
+            t.resume = None  # its tensors are in the model and optimiser now
 
-    def restore(self, t) -> None:
-        ck = checkpoint.load(t.last_path, t.dist.device, what="resume checkpoint (last.pt)")
-        if ck.get("resume_key") != t.resume_key:
-            if t.dist.master:
-                print(f"train: {t.last_path} is from a different config or data version; starting fresh",
-                      file=sys.stderr)
-            return
+    def restore(self, t, ck: dict) -> None:
         t.dist.load_states(t.model, t.opt, ck["model"], ck["optimizer"])
         t.scaler.load_state_dict(ck["scaler"])
         if t.ema is not None and ck.get("ema") is not None:

@@ -14,7 +14,7 @@ class SignalEvents(Callback):
         self.monitor = monitor or SignalMonitor()
 
     def on_step_values(self, t, v) -> None:
-        for sig in self.monitor.on_step(v.step, v.loss, v.grad_norm):
+        for sig in self.monitor.on_step(v.step, v.loss, v.grad_norm, skipped=bool(v.skipped)):
             t.logger.log_event(sig.name, sig.detail, sig.step)
 
     def on_validation_end(self, t, v) -> None:
