@@ -25,8 +25,10 @@ def save(path: str | Path, blob: Any) -> None:
 
     from tasks.core import io  # here, not at import: the served model loads weights without pyarrow
 
-    with io.atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # through a file object: given a path, torch names the zip's records after it (the random temp name),
+        # so two saves of the same blob would differ in bytes and in dvc.lock's md5
+        torch.save(blob, f)
 
 
 def load(path: str | Path, map_location: Any = "cpu", *, what: str = "checkpoint") -> Any:

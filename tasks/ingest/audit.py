@@ -66,14 +66,15 @@ def write_audit(cfg: IngestConfig, paths: Paths, result) -> dict:
         },
         "label_conflicts_among_near_duplicates": int(sum(labels[a] != labels[b] for a, b in dup["near_edges"])),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    _plot_counts(out / "class_counts.png", classes, counts)
-    _plot_resolution(out / "resolution.png", labels, classes, w, h)
-    _plot_box(out / "brightness.png", labels, classes, bright, "mean brightness (0..255)")
-    sheet = _contact_sheet(out / "contact_sheet.png", paths.raw_items, ids, labels, cfg.contact_sheet_items, cfg.seed)
-    report["contact_sheet"] = {"file": "contact_sheet.png", "seed": cfg.seed, "ids": sheet}
-    io.write_json(out / "audit.json", report)
-    io.write_text(out / "audit.md", _markdown(report))
+    with io.atomic_dir(out) as tmp:  # the folder as a whole: a kill mid-audit leaves no half audit at its name
+        _plot_counts(tmp / "class_counts.png", classes, counts)
+        _plot_resolution(tmp / "resolution.png", labels, classes, w, h)
+        _plot_box(tmp / "brightness.png", labels, classes, bright, "mean brightness (0..255)")
+        sheet = _contact_sheet(tmp / "contact_sheet.png", paths.raw_items, ids, labels, cfg.contact_sheet_items,
+                               cfg.seed)
+        report["contact_sheet"] = {"file": "contact_sheet.png", "seed": cfg.seed, "ids": sheet}
+        io.write_json(tmp / "audit.json", report)
+        io.write_text(tmp / "audit.md", _markdown(report))
     return report
 
 

@@ -326,3 +326,19 @@ def test_unreadable_local_file_is_a_reject(tmp_path, paths):
     _, rejects = _tables(paths)
     assert r.ingested == 2 and rejects["dog/3.png"]["reason"] == "read_error"
     assert "FileNotFoundError" in rejects["dog/3.png"]["detail"]
+
+
+def test_a_failure_mid_audit_leaves_no_audit_folder(tmp_path, paths, monkeypatch):
+    """The audit folder is built under a temporary name: a crash (or kill) half-way leaves none at its name."""
+    from tasks.ingest import audit
+
+    root = _tree(tmp_path / "src", {"cat/1.png": 1, "dog/2.png": 2})
+
+    def boom(*a, **k):
+        raise RuntimeError("killed while drawing the contact sheet")
+
+    monkeypatch.setattr(audit, "_contact_sheet", boom)
+    with pytest.raises(RuntimeError, match="contact sheet"):
+        ingest.run(IngestConfig(source=str(root), workers=1), paths)
+    audit_dir = Path(paths.audit_dir)
+    assert not audit_dir.exists() and not list(audit_dir.parent.glob(f".{audit_dir.name}.*"))

@@ -90,3 +90,16 @@ def test_transient_cause_reads_types_not_messages():
         raise RuntimeError("wrapped") from TimeoutError()
     except RuntimeError as e:
         assert retry.transient_cause(e)
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_temporary_name(tmp_path):
+    """Two saves of one blob are the same bytes (dvc.lock's md5 of a retrained model is then reproducible):
+    torch must not record the random temporary file name in the archive."""
+    import torch
+
+    from tasks.core import checkpoint
+
+    blob = {"model": {"w": torch.arange(6.0)}, "step": 3}
+    checkpoint.save(tmp_path / "a" / "best.pt", blob)
+    checkpoint.save(tmp_path / "b" / "best.pt", blob)
+    assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
