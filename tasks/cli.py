@@ -1,8 +1,9 @@
-"""The `keel` command: a table {stage: runner}, each runner reading only its own section of params.yaml.
+"""The `keel` command: a table {stage: runner}, each runner reading its own section of params.yaml.
 
 Errors that a user can fix (:class:`tasks.core.errors.UserError`: bad params, a missing input, a failed data gate)
 print ``keel <stage>: error: ...`` and exit 1 without a traceback; anything else is a bug and keeps its traceback.
 
+A runner reads its own section (register also reads ``ingest.allowed_formats``: what its served model accepts).
 A runner names the module it imports (``Runner.module``); cli.py imports no stage itself, so a stage's import
 closure is cli.py's plus its runner module's (tests/contracts checks it against the stage's dvc.yaml deps).
 """
@@ -77,7 +78,8 @@ RUNNERS: dict[str, Runner] = {
     "train": Runner("tasks.train.entry", lambda m, p, a: m.main(p)),
     "preflight": Runner("tasks.discipline.preflight", lambda m, p, a: m.require(p)),
     "evaluate": Runner("tasks.evaluate", lambda m, p, a: m.run(p.evaluate, p.paths)),
-    "register": Runner("tasks.register", lambda m, p, a: m.run(p.register_, p.paths)),
+    "register": Runner("tasks.register", lambda m, p, a: m.run(p.register_, p.paths,
+                                                              allowed_formats=p.ingest.allowed_formats)),
     "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.run(p)),
     "reproduce": Runner("tasks.discipline.reproduce", _reproduce),
 }

@@ -26,9 +26,14 @@ from tasks.register.records import (
 from tasks.register.registry import Registry, http_limits, use_tracking_uri
 
 
-def run(cfg: RegisterConfig, paths: Paths, tracking_uri: str | None = None) -> RegisterResult:
+def run(cfg: RegisterConfig, paths: Paths, tracking_uri: str | None = None,
+        allowed_formats: list[str] | None = None) -> RegisterResult:
+    """``allowed_formats``: ``ingest.allowed_formats``, the image formats the model was trained on; the served
+    model refuses others (recorded with the training data's description, where the serving spec reads it)."""
     uri = tracking_uri or tracking.tracking_uri(Path.cwd())
     cand = load_candidate(paths)
+    if allowed_formats is not None:
+        cand.blob["index"] = {**cand.blob["index"], "allowed_formats": list(allowed_formats)}
     from mlflow.exceptions import MlflowException
 
     # MLflow's fluent calls (Model.log, pyfunc.load_model of models:/) and the SQL registry store itself (it

@@ -327,8 +327,11 @@ def test_embedded_default_keeps_everything_in_the_project(base, tmp_path, monkey
     (project / "params.yaml").write_text("register:\n  model_name: digits-e\n")
     (project / "dvc.lock").write_text("schema: '2.0'\n")
     monkeypatch.chdir(project)
-    r = register.run(RegisterConfig(model_name="digits-e", retries=0), p)
+    r = register.run(RegisterConfig(model_name="digits-e", retries=0), p, allowed_formats=["PNG", "JPEG"])
     assert (r.status, r.version) == ("registered", "1")
+    # the served model accepts the formats the data was ingested under (ingest.allowed_formats), not a default
+    spec = json.loads(next((tmp_path / "project" / "mlruns" / "artifacts").rglob("preprocessing.json")).read_text())
+    assert spec["allowed_formats"] == ["PNG", "JPEG"]
     mlruns = project / "mlruns"
     assert r.tracking_uri == f"sqlite:///{mlruns.resolve()}/mlflow.db" and (mlruns / "mlflow.db").is_file()
     assert {x.name for x in mlruns.iterdir()} == {"mlflow.db", "artifacts"}  # no ./mlruns/<experiment> fallback
