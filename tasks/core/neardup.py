@@ -9,8 +9,9 @@ each measured on CIFAR-10 (bench/leakage.py, bench/RESULTS.md):
    minus its mean, scaled to unit length: 64 numbers that a shift of a few pixels, a crop or a change of
    brightness/contrast barely moves.  A flipped image's descriptor is the descriptor's columns reversed, so each
    item is looked up twice, as it is and mirrored, among its ``neighbours`` nearest items by cosine similarity
-   (faiss: exact inner product up to ``EXACT_SEARCH_MAX`` items, HNSW graph above, so the cost per item grows
-   with log N, not N).
+   (faiss: exact inner product up to ``EXACT_SEARCH_MAX`` items; above, an HNSW graph on the descriptors'
+   ``INDEX_DIMS`` principal directions, so the cost per item grows with log N, not N, and the full 64-d
+   similarity of what it finds is what the floor is applied to).
 2. **Verification** (precise).  Each candidate pair is aligned: both flips, shifts up to ``max_shift`` pixels,
    zoom of either side by 32/30 and 32/28 (a 1 or 2 px crop on each side, resized back).  First on 16x16
    thumbnails to drop the obvious non-matches, then at 32x32 on the best flip.  A pair is a near duplicate when
@@ -34,6 +35,7 @@ from PIL import Image
 
 THUMB = 32              # thumbnail side (pixels)
 EXACT_SEARCH_MAX = 20_000
+INDEX_DIMS = 32         # principal directions the HNSW graph is built on (above EXACT_SEARCH_MAX items)
 FLAT_STD = 2.0
 _CHUNK = 1024           # pairs verified per numpy batch (bounded memory: a few MB per array)
 _SCALES = (32 / 30, 32 / 28)
@@ -136,6 +138,31 @@ def mirrored(desc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(desc.reshape(-1, 8, 8)[:, :, ::-1].reshape(len(desc), 64))
 
 
+def _principal_directions(desc: np.ndarray, mirror: np.ndarray, dims: int, batch: int = 65536) -> np.ndarray:
+    """float32 [64, dims]: the top eigenvectors of the descriptors' (and their mirrors') second-moment matrix,
+    accumulated in batches in float64; uncentred, so inner products are what the projection keeps."""
+    m = np.zeros((64, 64))
+    for s in range(0, len(desc), batch):
+        d, r = desc[s:s + batch].astype(np.float64), mirror[s:s + batch].astype(np.float64)
+        m += d.T @ d + r.T @ r
+    _, vecs = np.linalg.eigh(m)
+    return np.ascontiguousarray(vecs[:, ::-1][:, :dims], dtype=np.float32)
+
+
+def _project(x: np.ndarray, basis: np.ndarray, batch: int = 65536) -> np.ndarray:
+    out = np.empty((len(x), basis.shape[1]), np.float32)
+    for s in range(0, len(x), batch):
+        out[s:s + batch] = x[s:s + batch] @ basis
+    return out
+
+
+def _rowdot(q: np.ndarray, d: np.ndarray, a: np.ndarray, b: np.ndarray, batch: int = 262144) -> np.ndarray:
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), batch):
+        out[s:s + batch] = np.einsum("ij,ij->i", q[a[s:s + batch]], d[b[s:s + batch]])
+    return out
+
+
 def candidates(desc: np.ndarray, neighbours: int, min_similarity: float, log=None) -> tuple[np.ndarray, dict]:
     """Pairs [P, 3]: (i, j, how), i < j, j among i's nearest items with similarity >= the floor; how: 1 found as
     it is, 2 found mirrored, 3 both."""
@@ -147,27 +174,35 @@ def candidates(desc: np.ndarray, neighbours: int, min_similarity: float, log=Non
         return np.zeros((0, 3), np.int64), stats
     t0 = time.perf_counter()
     k = min(neighbours + 1, n)
+    mirror = mirrored(desc)
     if n <= EXACT_SEARCH_MAX:
-        index = faiss.IndexFlatIP(64)
+        index, project = faiss.IndexFlatIP(64), None
         stats["index"] = "exact inner product"
     else:
-        # M 16 / efConstruction 40 / efSearch 32: on 60k random 64-d descriptors (harder than images) 98% of
-        # planted cosine-0.84 pairs found, at a quarter of the cost of M 32 / 64 / 64 (bench/RESULTS.md)
-        index = faiss.IndexHNSWFlat(64, 16, faiss.METRIC_INNER_PRODUCT)
+        # The graph is built on the descriptors' first INDEX_DIMS principal directions (flip-symmetric: fitted
+        # on the descriptors and their mirrors), the similarity that decides is then the full 64-d one.  M 16 /
+        # efConstruction 40 / efSearch 32: bench/ann_probe.py and bench/RESULTS.md for cost and recall.
+        project = _principal_directions(desc, mirror, INDEX_DIMS)
+        index = faiss.IndexHNSWFlat(INDEX_DIMS, 16, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 40
         index.hnsw.efSearch = max(32, 2 * k)
-        stats["index"] = f"HNSW (M 16, efConstruction 40, efSearch {index.hnsw.efSearch})"
+        stats["index"] = (f"HNSW on {INDEX_DIMS} principal directions (M 16, efConstruction 40, "
+                          f"efSearch {index.hnsw.efSearch})")
     if log is not None:
         log(f"near duplicates: indexing {n:,} descriptors ({stats['index']}), two lookups each ...")
-    index.add(desc)
+    index.add(desc if project is None else _project(desc, project))
     found = []
-    for mirror, q in ((0, desc), (1, mirrored(desc))):
-        sim, nb = index.search(q, k)
+    for mirror_bit, q in ((0, desc), (1, mirror)):
+        sim, nb = index.search(q if project is None else _project(q, project), k)
         rows = np.repeat(np.arange(n), k)
         sim, nb = sim.ravel(), nb.ravel()
+        if project is not None:  # the reduced space found them; the full descriptors judge them
+            hit = nb >= 0
+            sim = np.full(nb.shape, -1.0, np.float32)
+            sim[hit] = _rowdot(q, desc, rows[hit], nb[hit])
         ok = (nb >= 0) & (nb != rows) & (sim >= min_similarity)
         a, b = rows[ok], nb[ok]
-        found.append(np.stack([np.minimum(a, b), np.maximum(a, b), np.full(a.size, 1 << mirror)], axis=1))
+        found.append(np.stack([np.minimum(a, b), np.maximum(a, b), np.full(a.size, 1 << mirror_bit)], axis=1))
     allp = np.concatenate(found).astype(np.int64)
     # one row per pair; the third column says which lookup found it: 1 as it is, 2 mirrored, 3 both
     key = allp[:, 0] * n + allp[:, 1]
