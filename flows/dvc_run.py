@@ -135,6 +135,11 @@ def metrics_show(root: Path, env: dict[str, str]) -> dict[str, Any]:
     return {path: v.get("data", v.get("error")) for path, v in ws.items()}
 
 
+# read/connect timeouts (s) of the S3 remote keel configures: botocore's defaults (60 s read, per retry) let a push
+# to a server that died mid-transfer hang for minutes before the flow's retry could start
+REMOTE_TIMEOUTS = {"read_timeout": 20, "connect_timeout": 10}
+
+
 def resolve_remote(root: Path, env: dict[str, str], remote: str | None) -> str | None:
     """The remote to push to: ``remote``; else KEEL_DVC_REMOTE_URL (added as the local remote keel-env); else
     DVC's default remote; else None."""
@@ -144,7 +149,9 @@ def resolve_remote(root: Path, env: dict[str, str], remote: str | None) -> str |
     if url:
         for cmd in (dvc("remote", "add", "--local", "--force", ENV_REMOTE, url),
                     *([dvc("remote", "modify", "--local", ENV_REMOTE, "endpointurl", os.environ["AWS_ENDPOINT_URL"])]
-                      if os.environ.get("AWS_ENDPOINT_URL") and url.startswith("s3://") else [])):
+                      if os.environ.get("AWS_ENDPOINT_URL") and url.startswith("s3://") else []),
+                    *([dvc("remote", "modify", "--local", ENV_REMOTE, k, str(v)) for k, v in REMOTE_TIMEOUTS.items()]
+                      if url.startswith("s3://") else [])):
             r = run_quiet(cmd, root, env)
             if r.returncode != 0:
                 raise StageFailed("push", r.returncode, "configuring KEEL_DVC_REMOTE_URL: " + error_detail(r.stderr))

@@ -61,6 +61,8 @@ class Trainer:
                 if self.halted:
                     break
                 if self.stop_reason:  # agreed at a read-back: checkpoint mid-epoch, then exit
+                    self.state.epoch_loss_sum = float(self.step.loss_sum)  # what the epoch's mean has so far
+                    self.state.epoch_micro_batches = self.step.micro_batches
                     self.fire("on_stop", self.stop_reason)
                 v = self._validate(epoch)
                 self.fire("on_validation_end", v)
@@ -78,6 +80,9 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> None:
         self.step.reset_epoch()
+        if self.state.next_batch:  # resumed mid-epoch: the train-loss sums of the batches before it (same order)
+            self.step.loss_sum.fill_(self.state.epoch_loss_sum)
+            self.step.micro_batches = self.state.epoch_micro_batches
         usable, total = self.plan.micro_batches_per_epoch, self.plan.total_steps
         batches = self.feed.batches(self.cfg.batch_size, epoch, self.state.next_batch)
         micro = micro_batches(batches, self.norm, self.mixup_fn, self.cfg.channels_last, self.window,
@@ -125,6 +130,7 @@ class Trainer:
         self.logger.log_metrics({"epoch_train_loss": train_loss,
                                  **{k: v for k, v in record.items() if k != "train_loss"}}, self.state.step)
         self.state.epoch, self.state.next_batch = epoch + 1, 0
+        self.state.epoch_loss_sum, self.state.epoch_micro_batches = 0.0, 0  # the next epoch's, at its start
         return Validation(epoch, train_loss, val_loss, val_acc, val_acc_plain)
 
     # ---------------------------------------------------------------- what callbacks call
@@ -156,7 +162,7 @@ class Trainer:
 
     def sections(self) -> dict[str, dict]:
         """The callbacks' state as last.pt holds it: ``state`` (STATE_KEYS, with TrainState's) and ``signals``."""
-        state, out = self.state.state_dict(), {}
+        state, out = {**self.state.state_dict(), **self.state.epoch_sums()}, {}
         for cb in self.callbacks:
             if cb.checkpoint_key == "state":
                 state.update(cb.state_dict())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.dvc_run import looks_transient
+from flows.dvc_run import REMOTE_TIMEOUTS, looks_transient
 from tests.e2e.test_pipeline import _env
 from tests.support.s3server import seaweed_s3, weed_binary
 
@@ -49,6 +49,10 @@ def _project(root: Path, env: dict, n_files: int = 60, size: int = 256 << 10) ->
 def _point_remote(root: Path, env: dict, endpoint: str) -> None:
     _dvc(["remote", "add", "-f", "-d", "s3r", f"s3://{BUCKET}/dvc"], root, env)
     _dvc(["remote", "modify", "s3r", "endpointurl", endpoint], root, env)
+    # bounded: without these a push whose server died mid-transfer waited out botocore's 60 s read timeout on
+    # every retry (over 300 s in CI); flows.dvc_run sets the same on the remote it configures
+    for key, seconds in REMOTE_TIMEOUTS.items():
+        _dvc(["remote", "modify", "s3r", key, str(seconds)], root, env)
 
 
 @pytest.mark.slow

@@ -31,9 +31,9 @@ def registered(tmp_path_factory):
     sh("git commit -qam 'small run'", clone)
     uri = f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "KEEL_TRACKING": "mlflow"}
-    # the data stages rewrite the tracked dvc.lock; commit it so that training runs on a clean tree
+    # the data stages write dvc.lock; commit it (as a user does) so that training runs on a clean tree
     sh(["dvc", "repro", "shard"], clone, env=env)
-    sh("git commit -qam 'data version'", clone)
+    sh("git add dvc.lock && git commit -qam 'data version'", clone)
     sh(["dvc", "repro"], clone, env=env)
     from mlflow.tracking import MlflowClient
 

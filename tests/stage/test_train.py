@@ -140,6 +140,17 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(reference, digits_pip
     assert "resuming at step" in r.stderr
     assert same(weights(last), weights(ref_root / "models" / "last.pt"))
     assert same(weights(tmp_path / "models" / "best.pt"), weights(ref_root / "models" / "best.pt"))
+    assert _step_rows(tmp_path) == _step_rows(ref_root)  # steps.csv has the steps before the resume too
+
+
+def _step_rows(root: Path) -> list[tuple[str, ...]]:
+    """steps.csv without its timing columns (images_per_s, data_wait_fraction: this process's wall clock)."""
+    return [(r["step"], r["train_loss"], r["lr"], r["grad_norm"])
+            for r in csv.DictReader((root / "reports" / "steps.csv").open())]
+
+
+def _epoch_losses(root: Path) -> list[tuple[str, str]]:
+    return [(r["epoch"], r["train_loss"]) for r in csv.DictReader((root / "reports" / "epochs.csv").open())]
 
 
 def _torchrun(params: Path, nproc: int) -> subprocess.CompletedProcess:
@@ -270,9 +281,49 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_matches(reference, digits_pipe
     assert proc.returncode == 128 + signal.SIGTERM, err
     ck = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=True)
     assert ck["state"]["next_batch"] > 0 and ck["state"]["epoch"] == 0  # a mid-epoch checkpoint
+    # the interrupted epoch's running train-loss sums, so its mean after the resume is the uninterrupted one's
+    assert ck["state"]["epoch_micro_batches"] == ck["state"]["next_batch"] and ck["state"]["epoch_loss_sum"] > 0
+    stopped = ck["state"]["step"]
+    assert _step_rows(tmp_path) == [r for r in _step_rows(ref_root) if int(r[0]) <= stopped]  # written with last.pt
+    steps_csv = tmp_path / "reports" / "steps.csv"
+    with steps_csv.open("a") as f:  # a row logged after last.pt and lost with the stop: the resume drops it
+        f.write(f"{stopped + 1},9.0,0.1,1.0,1.0,0.0\n")
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "resuming at step" in r.stderr, r.stderr
     assert same(weights(tmp_path / "models" / "last.pt"), weights(ref_root / "models" / "last.pt"))
+    assert _step_rows(tmp_path) == _step_rows(ref_root)
+    assert _epoch_losses(tmp_path) == _epoch_losses(ref_root)  # epoch 0's mean covers the batches before the stop
+    signals = {k: torch.load(root / "models" / "last.pt", map_location="cpu", weights_only=True)["signals"]
+               for k, root in (("resumed", tmp_path), ("ref", ref_root))}
+    assert signals["resumed"] == signals["ref"]  # the monitor's epoch history holds the same train losses
+
+
+def test_a_resume_without_a_readable_steps_csv_starts_it_fresh_and_says_so(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from tasks.train.callbacks.step_log import StepLog
+    from tasks.train.state import TrainState
+
+    t = SimpleNamespace(state=TrainState(step=4, resumed_from=4), dist=SimpleNamespace(master=True),
+                        paths=SimpleNamespace(train_plots_dir=str(tmp_path)))
+    cb = StepLog(log_every=1)
+    cb.on_fit_start(t)
+    assert cb.rows == [] and "no " in capsys.readouterr().err
+    (tmp_path / "steps.csv").write_text("step,train_loss,lr\n1,2.0\n")  # a truncated file
+    cb.on_fit_start(t)
+    assert cb.rows == [] and "unreadable" in capsys.readouterr().err
+    (tmp_path / "steps.csv").write_text("step,train_loss,lr,grad_norm\n3,2.5,0.1,\n4,2.0,0.1,1.5\n5,1.0,0.1,1.0\n")
+    cb.on_fit_start(t)
+    assert cb.rows == [{"step": 3, "train_loss": 2.5, "lr": 0.1}, {"step": 4, "train_loss": 2.0, "lr": 0.1,
+                                                                   "grad_norm": 1.5}]
+
+
+def test_a_last_pt_state_without_the_epoch_sums_still_loads():
+    from tasks.train.state import TrainState
+
+    s = TrainState()
+    s.load_state_dict({"step": 7, "epoch": 0, "next_batch": 7, "history": []})  # written before they were saved
+    assert (s.step, s.epoch_loss_sum, s.epoch_micro_batches) == (7, 0.0, 0)
 
 
 def _free_port() -> int:

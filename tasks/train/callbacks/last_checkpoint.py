@@ -1,6 +1,7 @@
 """last.pt: everything a resume needs (weights, optimiser, scaler, EMA, the callbacks' state, every RNG), written
 at each epoch's end and at an agreed stop; read back at the start when its ``resume_key`` (config, data versions,
-world size) matches. A killed run (SIGKILL included) resumes from it to the same bits as an uninterrupted one."""
+world size) matches. A killed run (SIGKILL included) resumes from it to the same bits as an uninterrupted one.
+steps.csv is written just before it (StepLog.write), so a resume finds the step rows up to its step."""
 from __future__ import annotations
 
 import random
@@ -75,6 +76,9 @@ class LastCheckpoint(Callback):
         model_sd, opt_sd = t.dist.full_states(t.model, t.opt)  # every rank: FSDP gathers collectively
         if not t.dist.master:
             return
+        step_log = next((cb for cb in t.callbacks if cb.name == "step_log"), None)
+        if step_log is not None:  # first: a kill between the two leaves rows past last.pt, which a resume drops
+            step_log.write(t)
         sections = t.sections()
         t.save(t.last_path, {"model": model_sd, "optimizer": opt_sd, "scaler": t.scaler.state_dict(),
                              "ema": t.ema.state_dict() if t.ema is not None else None,
