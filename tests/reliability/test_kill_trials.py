@@ -86,7 +86,8 @@ def _pt_fp(f: Path) -> str:
     def walk(o, key=""):
         if isinstance(o, dict):
             for k in sorted(o, key=str):
-                walk(o[k], f"{key}/{k}")
+                if not TIMING.search(str(k)):  # wall-clock fields (last.pt's step rows carry images_per_s)
+                    walk(o[k], f"{key}/{k}")
         elif isinstance(o, (list, tuple)):
             for i, v in enumerate(o):
                 walk(v, f"{key}[{i}]")
