@@ -20,6 +20,7 @@ from tests.e2e.test_pipeline import _env
 from tests.support.s3server import seaweed_s3, weed_binary
 
 BUCKET = "outage"
+HANG_S = 90  # a push that has not given up by then is a hang (it gives up in about 10 s when it does)
 
 
 def _dvc(args, cwd, env, check=True, timeout=300):
@@ -68,12 +69,22 @@ def test_s3_killed_mid_push_fails_clearly_then_the_next_push_completes(tmp_path,
         digests = _project(root, env)
         _point_remote(root, env, s3.endpoint)
         push = subprocess.Popen(["dvc", "push", "-j", "1"], cwd=root, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         time.sleep(1.0)  # the push is under way (60 objects, one at a time)
         still_pushing = push.poll() is None
         os.killpg(s3.pid, signal.SIGKILL)
         t0 = time.monotonic()
-        _, err = push.communicate(timeout=300)
+        try:
+            _, err = push.communicate(timeout=HANG_S)
+        except subprocess.TimeoutExpired:
+            # Known, not yet fixed: in 2 of 6 runs on this machine `dvc push` was still running minutes after its
+            # server died (read/connect timeouts set). Recorded as a failed case in docs/reliability.md; the
+            # flow's push task then waits for it. Stopped here by PID so that CI is not held up by it.
+            os.killpg(push.pid, signal.SIGKILL)
+            push.communicate()
+            record("outage", case="S3 server killed mid `dvc push`", ok=False,
+                   outcome=f"dvc push still running {HANG_S} s after the server died; killed")
+            pytest.xfail(f"dvc push hung past {HANG_S} s after its S3 server was killed mid-transfer")
         gave_up_after = time.monotonic() - t0
     ok = (still_pushing and push.returncode != 0 and "Traceback" not in err and looks_transient(err)
           and s3.endpoint.split("//")[1] in err)
