@@ -33,7 +33,7 @@ def _rows(src: Path) -> dict[str, list[dict]]:
 
 def _cell(v) -> str:
     if isinstance(v, bool):
-        return "yes" if v else "**no**"
+        return "yes" if v else "no"
     s = str(v).replace("|", "\\|").replace("\n", " ")
     return s if len(s) <= 160 else s[:157] + "..."
 
@@ -67,6 +67,19 @@ def _bad_input_summary(rows: list[dict]) -> list[str]:
             f"{sum(int(r.get('dropped') or 0) for r in rows)}."]
 
 
+# What the suite has shown to fail and is not fixed yet (kept here, in code, so the rendered page never hides it)
+KNOWN_GAPS = (
+    ("`dvc push` whose S3 server is killed mid-transfer does not always give up in bounded time: it was still "
+    "running 90 s (and, before the timeouts were set, 300 s) after the kill in 3 of 7 runs on the 2-core "
+    "development machine, with keel's remote read/connect timeouts set. tests/reliability/test_outages.py stops "
+    "such a push by PID, records the case as failed and marks the test xfail; when the push does give up it "
+    "does so in about 10-13 s with DVC's 'Could not connect' error."),
+    ("The kill trials rerun the killed stage (`dvc repro -s --no-run-cache`), not the pipeline to its end; the "
+    "stage's dvc.lock entry (deps and outs) is compared, and later stages are functions of those."),
+    "No tracking-server (MLflow) outage during training has been tried yet.",
+)
+
+
 def render(src: Path) -> str:
     by_kind = _rows(src)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -90,6 +103,7 @@ def render(src: Path) -> str:
         lines += ["<details><summary>every row</summary>", ""] if kind in ("kill", "bad_input") else []
         lines += _table(rows) + [""]
         lines += ["</details>", ""] if kind in ("kill", "bad_input") else []
+    lines += ["## Known gaps", "", *(f"- {g}" for g in KNOWN_GAPS), ""]
     return "\n".join(lines)
 
 
