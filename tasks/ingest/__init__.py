@@ -181,16 +181,7 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
                 writer.add(row)
                 ingested += 1
             progress.update(ingested + len(rejects), ingested, len(rejects))
-        conflicted = {i: cs for i, cs in copies.items() if len({c.label for c in cs}) > 1}
-        if conflicted:  # every copy becomes a conflicting_labels reject, in place of the duplicate_bytes ones
-            rejects[:] = [r for r in rejects if r["duplicate_of"] not in conflicted]
-            for item_id, cs in conflicted.items():
-                writer.drop(item_id)
-                del seen[item_id]
-                ingested -= 1
-                detail = _conflict_detail(item_id, cs)
-                for c in cs:
-                    reject(c, "conflicting_labels", detail)
+        ingested -= _reject_conflicts(copies, seen, writer, rejects, reject)
         writer.close()
         # inside atomic_dir: a broken account (a bug) leaves no raw table that looks finished
         if ingested + len(rejects) != len(cands):
@@ -230,6 +221,21 @@ def _dup_detail(item_id: str, kept: sources.Candidate, copy: dict) -> str:
     where = f" ({kept.source_split} copy kept, this {copy['source_split']} copy dropped)" \
         if kept.source_split != copy["source_split"] else ""
     return f"same bytes as id {item_id[:16]}… from {kept.uri}{where}"  # same label: copies with others conflict
+
+
+def _reject_conflicts(copies: dict[str, list[sources.Candidate]], seen: dict, writer: _PartWriter,
+                      rejects: list[dict], reject) -> int:
+    """Byte-identical copies with different labels: every copy becomes a conflicting_labels reject (in place of
+    the duplicate_bytes ones) and the kept row is dropped; returns how many ingested items that removed."""
+    conflicted = {i: cs for i, cs in copies.items() if len({c.label for c in cs}) > 1}
+    rejects[:] = [r for r in rejects if r["duplicate_of"] not in conflicted]
+    for item_id, cs in conflicted.items():
+        writer.drop(item_id)
+        del seen[item_id]
+        detail = _conflict_detail(item_id, cs)
+        for c in cs:
+            reject(c, "conflicting_labels", detail)
+    return len(conflicted)
 
 
 def _conflict_detail(item_id: str, cs: list[sources.Candidate]) -> str:
