@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,16 @@ def dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def run_logged(cmd: list[str], root: Path, env: dict[str, str], log=None) -> tuple[int, str, str]:
-    """Run ``cmd``, streaming both streams line by line to ``log`` (a logger); returns (rc, stdout, stderr)."""
+def run_logged(cmd: list[str], root: Path, env: dict[str, str], log=None,
+               stall_s: float | None = None) -> tuple[int, str, str]:
+    """Run ``cmd``, streaming both streams line by line to ``log`` (a logger); returns (rc, stdout, stderr).
+
+    With ``stall_s``, a command that reads and writes nothing at all (files, pipes and sockets alike, from
+    /proc/PID/io) for ``stall_s`` seconds is stopped by PID (its process group, SIGKILL) and reported as
+    ``rc`` -9 with a ``keel: ... stopped`` line appended to stderr (see ``stalled``)."""
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                            start_new_session=stall_s is not None)
     out: list[str] = []
     err: collections.deque[str] = collections.deque(maxlen=400)
 
@@ -48,10 +56,59 @@ def run_logged(cmd: list[str], root: Path, env: dict[str, str], log=None) -> tup
     # stderr is the stages' progress and warnings as much as errors: logged at INFO too (errors raise below)
     t = threading.Thread(target=pump, args=(proc.stderr, err, log.info if log else None), daemon=True)
     t.start()
+    done = threading.Event()
+    killed: list[float] = []
+    if stall_s is not None:
+        w = threading.Thread(target=_watch_stall, args=(proc, stall_s, done, killed), daemon=True)
+        w.start()
     pump(proc.stdout, out, log.info if log else None)
     rc = proc.wait()
+    done.set()
     t.join()
+    if killed:
+        msg = (f"keel: `{' '.join(cmd[2:] if cmd[:2] == [sys.executable, '-m'] else cmd)}` read and wrote "
+               f"nothing for {killed[0]:.0f} s (a hung transfer): stopped (PID {proc.pid}, SIGKILL)")
+        err.append(msg + "\n")
+        if log is not None:
+            log.warning(msg)
+        rc = -9
     return rc, "".join(out), "".join(err)
+
+
+STALLED = "read and wrote nothing for"
+
+
+def stalled(stderr: str) -> bool:
+    """Whether ``run_logged`` stopped the command for making no progress."""
+    return f"` {STALLED} " in stderr[-TRANSIENT_TAIL:]
+
+
+def _io_chars(pid: int) -> int | None:
+    """Bytes the process has read and written through any syscall (files, pipes, sockets); None if unknown."""
+    import psutil
+
+    try:
+        io = psutil.Process(pid).io_counters()
+    except (psutil.Error, AttributeError, NotImplementedError):
+        return None
+    return getattr(io, "read_chars", io.read_bytes) + getattr(io, "write_chars", io.write_bytes)
+
+
+def _watch_stall(proc: subprocess.Popen, stall_s: float, done: threading.Event, killed: list[float]) -> None:
+    last, since = None, time.monotonic()
+    while not done.wait(min(1.0, stall_s / 4)):
+        now = _io_chars(proc.pid)
+        if now is None:           # no /proc/PID/io here (or the process is gone): no watchdog, nothing killed
+            return
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= stall_s and proc.poll() is None:
+            killed.append(time.monotonic() - since)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
 
 
 def run_quiet(cmd: list[str], root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -138,6 +195,27 @@ def metrics_show(root: Path, env: dict[str, str]) -> dict[str, Any]:
 # read/connect timeouts (s) of the S3 remote keel configures: botocore's defaults (60 s read, per retry) let a push
 # to a server that died mid-transfer hang for minutes before the flow's retry could start
 REMOTE_TIMEOUTS = {"read_timeout": 20, "connect_timeout": 10}
+
+
+# a push that reads and writes nothing for this long is hung, not slow: DVC's own S3 transfer can wait forever
+# on a coroutine that lost its connection when the server died mid-transfer (treeverse/dvc#10374; 5 of 6 runs
+# here). Three read timeouts: any live request has read, failed or been retried by then.
+PUSH_STALL_S = 3 * REMOTE_TIMEOUTS["read_timeout"]
+
+
+def push(root: Path, env: dict[str, str], remote: str, log=None, stall_s: float = PUSH_STALL_S) -> tuple[str, float]:
+    """``dvc push --remote remote`` under the stall watchdog; returns (DVC's last line, seconds). A failure is
+    ``StageFailed("push", ...)``, transient when the remote was unreachable or the push hung (the flow's push
+    task retries those with backoff)."""
+    t0 = time.perf_counter()
+    rc, out, err = run_logged(dvc("push", "--remote", remote), root, env, log, stall_s=stall_s)
+    if rc != 0:
+        hung = stalled(err)
+        detail = error_detail(err, out)
+        if hung and STALLED not in detail:
+            detail += "\n" + err.strip().splitlines()[-1]
+        raise StageFailed("push", rc, detail, transient=hung or looks_transient(err))
+    return (out.strip().splitlines() or [""])[-1], round(time.perf_counter() - t0, 3)
 
 
 def resolve_remote(root: Path, env: dict[str, str], remote: str | None) -> str | None:

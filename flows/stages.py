@@ -16,7 +16,7 @@ from prefect.tasks import exponential_backoff
 from flows.dvc_run import (
     dvc,
     error_detail,
-    looks_transient,
+    push,
     repro_failed,
     resolve_remote,
     run_logged,
@@ -120,9 +120,5 @@ def dvc_push(project_dir: str, remote: str | None = None) -> dict[str, Any]:
         log.info("dvc push skipped: no DVC remote is configured (add one with `dvc remote add -d NAME URL`, "
                  "or set KEEL_DVC_REMOTE_URL)")
         return {"pushed": False, "remote": None, "detail": "no remote configured"}
-    t0 = time.perf_counter()
-    rc, out, err = run_logged(dvc("push", "--remote", name), root, env, log)
-    if rc != 0:
-        raise StageFailed("push", rc, error_detail(err, out), transient=looks_transient(err))
-    return {"pushed": True, "remote": name, "detail": (out.strip().splitlines() or [""])[-1],
-            "seconds": round(time.perf_counter() - t0, 3)}
+    detail, seconds = push(root, env, name, log)
+    return {"pushed": True, "remote": name, "detail": detail, "seconds": seconds}

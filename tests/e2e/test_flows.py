@@ -181,6 +181,48 @@ def test_error_detail_is_the_stages_own_message():
     assert pickle.loads(pickle.dumps(e)).detail == e.detail
 
 
+def test_a_command_that_reads_and_writes_nothing_is_stopped_by_pid_and_a_busy_one_is_not(tmp_path):
+    """The push watchdog (dvc_run.run_logged(stall_s=...)): a child that sits silent (a hung transfer; here a
+    sleep, with a grandchild, so the whole group must go) is SIGKILLed after the stall and said so; one that
+    keeps writing (a slow, live transfer) for longer than the stall runs to its end."""
+    marker = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '300']); "
+            f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(300)")
+    hung = [sys.executable, "-c", code]
+    t0 = time.monotonic()
+    rc, _, err = dvc_run.run_logged(hung, tmp_path, dict(os.environ), stall_s=2.0)
+    took = time.monotonic() - t0
+    assert rc == -9 and dvc_run.stalled(err), err
+    assert "read and wrote nothing for 2 s (a hung transfer): stopped (PID" in err, err
+    assert took < 60, took  # not a speed claim: without the watchdog this returns after 300 s
+    gpid = int(marker.read_text())
+    for _ in range(50):
+        if not psutil.pid_exists(gpid) or psutil.Process(gpid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"grandchild {gpid} outlived the watchdog: the group was not killed")
+
+    busy = [sys.executable, "-c", "import sys, time\nfor i in range(25):\n    print(i, flush=True); time.sleep(0.2)"]
+    rc, out, err = dvc_run.run_logged(busy, tmp_path, dict(os.environ), stall_s=2.0)
+    assert rc == 0 and out.split() == [str(i) for i in range(25)] and not dvc_run.stalled(err), (rc, err)
+
+
+def test_a_hung_push_is_a_transient_stage_failure_that_names_the_hang(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_logged(cmd, root, env, log=None, stall_s=None):
+        calls.append((cmd, stall_s))
+        return -9, "", ("Pushing\nkeel: `dvc push --remote r` read and wrote nothing for 60 s (a hung transfer): "
+                        "stopped (PID 7, SIGKILL)\n")
+
+    monkeypatch.setattr(dvc_run, "run_logged", fake_run_logged)
+    with pytest.raises(StageFailed) as e:
+        dvc_run.push(tmp_path, {}, "r")
+    assert e.value.transient and e.value.stage == "push" and "read and wrote nothing for 60 s" in str(e.value)
+    assert calls == [(dvc_run.dvc("push", "--remote", "r"), dvc_run.PUSH_STALL_S)]
+
+
 def test_retries_only_on_transient_io_failures():
     class S:
         def __init__(self, data):

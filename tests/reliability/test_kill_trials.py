@@ -12,9 +12,12 @@ Real processes, real dvc, no mocks. A module fixture makes a fresh copy of the r
    the stage's measured duration (SIGTERM: until a seeded number of logged training steps) and signals the group;
 3. checks what is left: each out is absent or identical to the reference (train: checkpoints at their final names
    load with the safe loader and metrics/train.json is not written; its per-step logs are incremental by design);
-4. `dvc repro -s --no-run-cache <stage>`: DVC must rerun the stage whenever an out is not the reference's, and
-   afterwards the stage's dvc.lock entry (deps and outs md5) equals the reference's and every out's fingerprint
-   equals the reference's (train: weights, optimiser and RNG state bitwise, and model_sha256 of best.pt/last.pt).
+4. `dvc repro --no-run-cache train`, the pipeline from its first stage to training, as a user would rerun it after a
+   crash: DVC must rerun the killed stage whenever an out is not the reference's, and may rerun a later stage only
+   where a dep of it changed; afterwards every stage's dvc.lock entry (deps and outs md5) equals the reference's and
+   every out of every stage has the reference's fingerprint (train: weights, optimiser and RNG state bitwise, and
+   model_sha256 of best.pt/last.pt). The stages after the killed one keep the reference's outs in the trial's copy,
+   so a rerun that is not identical shows twice: the later stage reruns and its outs or lock entry differ.
 
 "Identical" has to leave out what differs between two *uninterrupted* runs too (measured, not a kill effect):
 wall-clock fields (``*_s``, ``seconds``, ``images_per_s``, ``data_wait_fraction``) in JSON and CSV outs, the Great
@@ -23,8 +26,9 @@ event log (a resumed run logs its resume), and the raw bytes of checkpoints: tor
 file name of tasks/core/checkpoint.save into the zip archive, so models/ never has a reproducible md5 in dvc.lock;
 their content is compared instead. Every other out is compared by its dvc.lock md5.
 
-Only the killed stage is rerun (``-s``): its deps are checked equal to the reference's in dvc.lock and the stages
-after it are deterministic functions of those outs, so `dvc repro` to the end would repeat the reference run.
+The pipeline ends at train: evaluate spends the test set's one look (its ledger and its kill are
+tests/stage/test_evaluate.py and tests/reliability's two-at-once cases) and register needs a tracking server; the
+trials turn tracking off so that no MLflow run id lands in an out.
 """
 from __future__ import annotations
 
@@ -263,8 +267,8 @@ def reference(tmp_path_factory) -> Reference:
 
 
 def _trial_copy(ref: Reference, stage: str, dest: Path) -> Path:
-    later = STAGES[STAGES.index(stage):]
-    skip = {ref.root / o for s in later for o in _outs(ref.lock, s)} | {ref.root / ".dvc/cache", ref.root / ".dvc/tmp"}
+    """The reference project without the killed stage's outs and without the DVC cache; the later stages' outs stay."""
+    skip = {ref.root / o for o in _outs(ref.lock, stage)} | {ref.root / ".dvc/cache", ref.root / ".dvc/tmp"}
 
     def ignore(d, names):
         return [n for n in names if Path(d) / n in skip]
@@ -326,27 +330,31 @@ def _trial(ref: Reference, stage: str, seed: int, sig: signal.Signals, work: Pat
         st = torch.load(proj / "models/last.pt", map_location="cpu", weights_only=True)["state"]
         ckpt_state = (st["epoch"], st["next_batch"])
 
-    # (2) the rerun
-    rr = sh(["dvc", "repro", "-s", "--no-run-cache", stage], proj, check=False, env=ENV)
+    # (2) the rerun: the pipeline, not the stage
+    rr = sh(["dvc", "repro", "--no-run-cache", STAGES[-1]], proj, check=False, env=ENV)
     (work / "rerun.log").write_text(rr.stdout + rr.stderr)
-    reran = f"Running stage '{stage}'" in rr.stdout
+    ran = [s for s in STAGES if f"Running stage '{s}'" in rr.stdout]
+    reran = stage in ran
     if differs and not reran:
         finished_looking.append(f"dvc accepted {differs} as complete")
     problems = []
     if rr.returncode != 0:
         problems.append(f"rerun exited {rr.returncode}: {(rr.stdout + rr.stderr)[-400:]}")
-    entry = _lock_entry(proj, stage)
-    want = ref.entries[stage]
-    if entry["deps"] != want["deps"]:
-        problems.append(f"lock deps differ: {[k for k in want['deps'] if entry['deps'].get(k) != want['deps'][k]]}")
-    for o in outs:
-        if o not in NOT_BY_MD5 and entry["outs"].get(o) != want["outs"][o]:
-            problems.append(f"lock md5 of {o} differs")
-        fp = fingerprint(proj, o)
-        if fp != ref.fps[o]:
-            problems.append(f"{o} differs: {_diff(fp, ref.fps[o])}")
+    if set(ran) & set(STAGES[:STAGES.index(stage)]):
+        problems.append(f"stages before the killed one reran: {ran}")
+    for s in STAGES:
+        entry, want = _lock_entry(proj, s), ref.entries[s]
+        bad_deps = [k for k in want["deps"] if k not in NOT_BY_MD5 and entry["deps"].get(k) != want["deps"][k]]
+        if bad_deps or set(entry["deps"]) != set(want["deps"]):
+            problems.append(f"{s}: lock deps differ: {bad_deps or sorted(set(entry['deps']) ^ set(want['deps']))}")
+        for o in _outs(ref.lock, s):
+            if o not in NOT_BY_MD5 and entry["outs"].get(o) != want["outs"][o]:
+                problems.append(f"{s}: lock md5 of {o} differs")
+            fp = fingerprint(proj, o)
+            if fp != ref.fps[o]:
+                problems.append(f"{o} differs: {_diff(fp, ref.fps[o])}")
     resumed = "resuming at step" in rr.stdout + rr.stderr
-    if stage == "train" and rr.returncode == 0:
+    if rr.returncode == 0:  # every trial: the weights after the pipeline's rerun are the reference's
         weights = {n: _model_sha(proj / "models" / n) for n in ("best.pt", "last.pt")}
         if weights != ref.weights:
             problems.append(f"weights differ: {[n for n in weights if weights[n] != ref.weights[n]]}")
@@ -364,7 +372,7 @@ def _trial(ref: Reference, stage: str, seed: int, sig: signal.Signals, work: Pat
         f"temp names: {len(temps)}" if temps else "",
         f"last.pt (epoch, next_batch) {ckpt_state}" if ckpt_state else "",
         "rerun resumed from last.pt" if resumed else "",
-        "rerun ran the stage" if reran else "rerun skipped (outs complete)",
+        f"dvc repro ran {', '.join(ran)}" if ran else "dvc repro ran nothing (outs complete)",
         *finished_looking, *problems]))
     return {"delay_s": round(delay, 2), "signalled": signalled, "left_finished_looking": bool(finished_looking),
             "identical": not problems, "detail": detail}
