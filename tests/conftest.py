@@ -40,6 +40,7 @@ def tmp_paths(root: Path) -> Paths:
                  split_manifest=str(root / "split" / "manifest.parquet"), leakage_report=str(root / "leakage.json"),
                  leakage_picture=str(root / "leakage.png"),
                  validate_dir=str(root / "validate"), shards_dir=str(root / "shards"), models_dir=str(root / "models"),
+                 checkpoints_dir=str(root / "checkpoints"),
                  train_metrics=str(root / "metrics" / "train.json"), train_plots_dir=str(root / "reports" / "train"),
                  evaluate_dir=str(root / "reports" / "evaluate"), test_metrics=str(root / "metrics" / "test.json"),
                  test_ledger=str(root / "test_ledger"), register_report=str(root / "reports" / "register.json"))

@@ -31,6 +31,9 @@ class Paths(_Section):
     validate_dir: str = "reports/validate"
     shards_dir: str = "data/shards"
     models_dir: str = "models"
+    # not a DVC output: the training in flight (last.pt, best.pt so far), resumed by a rerun after a crash or a
+    # preemption; the finished training's checkpoints are published to models_dir, and this folder is emptied
+    checkpoints_dir: str = "data/checkpoints"
     train_metrics: str = "metrics/train.json"
     train_plots_dir: str = "reports/train"
     evaluate_dir: str = "reports/evaluate"

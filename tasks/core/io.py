@@ -114,6 +114,16 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_stale_temps(folder: str | Path) -> list[str]:
+    """Delete what an interrupted :func:`atomic_path` left in ``folder`` (``.NAME.XXXX.tmp``; a SIGKILL skips the
+    ``finally``). Only for a folder one writer owns (a persisted stage out, before that stage writes into it)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
 def write_json(dest: str | Path, obj) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")

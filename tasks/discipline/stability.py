@@ -89,7 +89,7 @@ def _train_one(name: str, cfg: TrainConfig, paths: Paths, work: Path) -> RunResu
 
     d = work / name.replace(" ", "_")
     run_paths = paths.model_copy(update={"models_dir": str(d / "models"), "train_metrics": str(d / "train.json"),
-                                         "train_plots_dir": str(d / "plots")})
+                                         "train_plots_dir": str(d / "plots"), "checkpoints_dir": str(d / "ckpt")})
     t0 = time.monotonic()
     print(f"stability: {name}: seed {cfg.seed}, shuffle seed {cfg.shuffle_seed}, batch {cfg.batch_size}, "
           f"lr {cfg.lr:g}, {cfg.epochs} epochs", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ import pyarrow as pa
 from tasks.core import io, lineage, runtime
 from tasks.core.config import EvaluateConfig, Paths
 from tasks.core.lineage import model_sha256
+from tasks.core.project import at_home, experiment_refusal
 from tasks.evaluate import decide, feature_audit, report
 from tasks.evaluate.checkpoint import build, check_data, load_checkpoint
 from tasks.evaluate.errors import EvaluateError, SecondLookRefused
@@ -100,6 +101,9 @@ def _read(cfg: EvaluateConfig, paths: Paths, ledger: Ledger, prior: dict[str, di
 def run(cfg: EvaluateConfig, paths: Paths) -> EvaluateResult:
     """Score best.pt on the sealed test split once per model; see the package docstring for the ledger contract."""
     t0 = time.monotonic()
+    refusal = experiment_refusal("evaluate")
+    if refusal:  # before anything is read: an experiment never touches the test split or the ledger
+        raise EvaluateError(refusal)
     ckpt_path = Path(paths.models_dir) / "best.pt"
     index = io.ShardIndex.load(paths.shards_dir)
     ckpt = load_checkpoint(ckpt_path)
@@ -114,7 +118,7 @@ def run(cfg: EvaluateConfig, paths: Paths) -> EvaluateResult:
         raise EvaluateError(f"{paths.shards_dir}: the test split has no rows; nothing to evaluate "
                             "(check the split fractions and re-run `keel split`/`keel shard`)")
     base = _entry_base(cfg, paths, ckpt, ckpt_path, sha, name, index)
-    ledger = Ledger(paths.test_ledger)
+    ledger = Ledger(at_home(paths.test_ledger))  # the project's, also from an experiment's temporary copy
     with ledger.locked():
         entries = ledger.entries()
         prior = readers(entries, manifest_sha)

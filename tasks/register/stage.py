@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tasks.core import tracking
 from tasks.core.config import Paths, RegisterConfig
+from tasks.core.project import experiment_refusal, project_home
 from tasks.core.secrets import redact_uri
 from tasks.register import report
 from tasks.register.candidate import example_images, lineage_tags, load_candidate
@@ -30,7 +31,10 @@ def run(cfg: RegisterConfig, paths: Paths, tracking_uri: str | None = None,
         allowed_formats: list[str] | None = None) -> RegisterResult:
     """``allowed_formats``: ``ingest.allowed_formats``, the image formats the model was trained on; the served
     model refuses others (recorded with the training data's description, where the serving spec reads it)."""
-    uri = tracking_uri or tracking.tracking_uri(Path.cwd())
+    refusal = experiment_refusal("register")
+    if refusal:
+        raise RegisterError(refusal)
+    uri = tracking_uri or tracking.tracking_uri(project_home())
     cand = load_candidate(paths)
     if allowed_formats is not None:
         cand.blob["index"] = {**cand.blob["index"], "allowed_formats": list(allowed_formats)}

@@ -59,11 +59,12 @@ def _tracker(params: Params, preflight_report: Path | None) -> OpenTracker | Non
         return None
     try:
         from tasks.core import tracking
+        from tasks.core.project import project_home
     except ImportError:
         return None
 
     def open_run(resume_run_id: str | None, run_info: dict[str, Any]):
-        lg = tracking.open_run(EXPERIMENT, run_name(run_info), tracking.tracking_uri(Path.cwd()),
+        lg = tracking.open_run(EXPERIMENT, run_name(run_info), tracking.tracking_uri(project_home()),
                                tags=run_tags(run_info), resume_run_id=resume_run_id)
         try:
             digest = run_info.get("shard_index_sha256") or "unknown"

@@ -126,7 +126,12 @@ def build(cfg, paths, logger, dist: Dist, precision: str, tracker: OpenTracker |
     step = TrainStep(model, opt, scaler, autocast, dist, plan.accumulation, cfg.grad_clip,
                      cfg.label_smoothing, soft_target_loss, ema)
     key = resume_key(cfg, data_versions, dist.world)
-    resume = last_checkpoint.matching(Path(paths.models_dir) / "last.pt", key, dist)
+    if dist.master:  # what a killed checkpoint write left (a SIGKILL skips atomic_path's clean-up)
+        for name in io.remove_stale_temps(paths.checkpoints_dir):
+            print(f"train: removed {paths.checkpoints_dir}/{name}, left by an interrupted write", file=sys.stderr)
+    resume = last_checkpoint.matching(Path(paths.checkpoints_dir) / "last.pt", key, dist)
+    if resume is None and dist.master:  # an abandoned training's best.pt must never be published as this one's
+        (Path(paths.checkpoints_dir) / "best.pt").unlink(missing_ok=True)
     if tracker is not None and dist.master:
         logger = tracker(last_checkpoint.tracking_run_id(resume), run_info)
     log, files = _loggers(paths, logger, dist.master)

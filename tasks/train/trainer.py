@@ -8,13 +8,14 @@ work while the GPU runs (small models are launch-bound). Every callback that nee
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tasks.core import checkpoint
+from tasks.core import checkpoint, io
 from tasks.train import outputs
 from tasks.train.errors import TrainError
 from tasks.train.feed import micro_batches
@@ -36,8 +37,10 @@ class Trainer:
         self.resume_key, self.preprocessing, self.run_info, self._announce = (resume_key, preprocessing, run_info,
                                                                                announce)
         self.tracking = tracking  # the tracking run's id and URI, for run_info (rank 0; None without one)
-        models = Path(paths.models_dir)
-        self.last_path, self.best_path = models / "last.pt", models / "best.pt"
+        # the training in flight checkpoints outside models/ (a DVC output, deleted by DVC before the stage runs):
+        # a rerun after a crash resumes from there; a finished training publishes both to models/ (_publish)
+        ckpts = Path(paths.checkpoints_dir)
+        self.last_path, self.best_path = ckpts / "last.pt", ckpts / "best.pt"
         self.state = TrainState()
         self.window = Window()
         self.pending: list[tuple[int, object, float]] = []  # (step, StepOutput, lr): queued, not read back yet
@@ -197,10 +200,24 @@ class Trainer:
               + (f" ({tta}; single view {v.val_accuracy_single_view:.4f})" if tta != "none" else "")
               + (" (best)" if v.improved else ""), file=sys.stderr)
 
+    def _publish(self) -> None:
+        """The finished training's best.pt and last.pt into models/ (atomically), then the in-flight copies go: the
+        next run of this stage (``dvc repro -f train``, new params) trains anew instead of resuming a finished run.
+        A kill in between leaves both copies: the rerun resumes at the last step and publishes the same files."""
+        models = Path(self.paths.models_dir)
+        done = [p for p in (self.best_path, self.last_path) if p.exists()]
+        for src in done:
+            with io.atomic_path(models / src.name) as tmp:
+                shutil.copyfile(src, tmp)
+        for src in done:
+            src.unlink()
+
     def _finish(self) -> TrainResult:
         s = self.sections()["state"]
         if self.dist.master:
             outputs.write(self.paths, s, self.run_info, self.callback("step_log").rows, self.halted)
+            if not self.halted:
+                self._publish()
         if self.halted:
             raise TrainError(self.halted)
         return TrainResult(s["best_val_accuracy"], s["best_val_loss"], s["best_epoch"], s["step"], s["epoch"],

@@ -49,7 +49,7 @@ def _env() -> dict:
 def _params(work: Path, name: str, train: dict, shards: str) -> Path:
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     base["paths"].update(shards_dir=shards, models_dir=f"golden_{name}", train_metrics=f"metrics_{name}.json",
-                         train_plots_dir=f"plots_{name}")
+                         train_plots_dir=f"plots_{name}", checkpoints_dir=f"checkpoints_{name}")
     base["train"].update(train)
     f = work / f"params_{name}.yaml"
     f.write_text(yaml.safe_dump(base))

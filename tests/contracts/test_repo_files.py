@@ -24,7 +24,7 @@ def test_every_reject_code_is_documented_with_its_meaning():
     from tasks.ingest import REASONS
 
     text = (REPO / "docs" / "contracts.md").read_text()
-    table = dict(re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", text, flags=re.M))
+    table = dict(re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", text, flags=re.MULTILINE))
     assert table == REASONS, {k: (table.get(k), REASONS.get(k)) for k in set(table) | set(REASONS)
                               if table.get(k) != REASONS.get(k)}
     assert "At least two classes" in text and "One layout" in text

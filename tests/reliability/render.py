@@ -69,13 +69,11 @@ def _bad_input_summary(rows: list[dict]) -> list[str]:
 
 # What the suite has shown to fail and is not fixed yet (kept here, in code, so the rendered page never hides it)
 KNOWN_GAPS = (
-    ("`dvc push` whose S3 server is killed mid-transfer does not always give up in bounded time: it was still "
-    "running 90 s (and, before the timeouts were set, 300 s) after the kill in 3 of 7 runs on the 2-core "
-    "development machine, with keel's remote read/connect timeouts set. tests/reliability/test_outages.py stops "
-    "such a push by PID, records the case as failed and marks the test xfail; when the push does give up it "
-    "does so in about 10-13 s with DVC's 'Could not connect' error."),
-    ("The kill trials rerun the killed stage (`dvc repro -s --no-run-cache`), not the pipeline to its end; the "
-    "stage's dvc.lock entry (deps and outs) is compared, and later stages are functions of those."),
+    ("`dvc push` whose S3 server is killed mid-transfer can hang forever inside DVC (upstream treeverse/dvc#10374: "
+    "the upload coroutine never completes and no socket is left open). keel bounds it rather than fixes it: "
+    "`flows.dvc_run.push` SIGKILLs the push's process group once it has read and written nothing for "
+    "`PUSH_STALL_S` (3 x the remote read timeout, 60 s) and reports a transient StageFailed, so the flow's retry "
+    "policy takes over; tests/reliability/test_outages.py kills the server mid-push and checks exactly that."),
     "No tracking-server (MLflow) outage during training has been tried yet.",
 )
 

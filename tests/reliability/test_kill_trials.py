@@ -5,10 +5,10 @@ Real processes, real dvc, no mocks. A module fixture makes a fresh copy of the r
 `dvc repro -s <stage>` once per stage from ingest to train as the reference, times each stage (from dvc's
 "Running stage" line to its exit) and fingerprints every out. A trial then:
 
-1. copies the reference project (without its DVC cache, so neither the run cache nor a checkout can restore an out),
-   deletes the stage's outs (persisted ones too: the stage does all its work again), keeps dvc.lock as it is (the
-   stage's entry names the reference outs, so `dvc repro` must notice anything else);
-2. starts `dvc repro -s <stage>` in its own process group, waits for "Running stage", sleeps a seeded random share of
+1. copies the reference project without DVC's run cache (so nothing can restore an out of the stage), deletes the
+   stage's outs (persisted ones too: the stage does all its work again), keeps dvc.lock as it is (the stage's entry
+   names the reference outs, so `dvc repro` must notice anything else);
+2. starts `dvc repro --no-run-cache -s <stage>` in its own process group, waits for "Running stage", sleeps a seeded random share of
    the stage's measured duration (SIGTERM: until a seeded number of logged training steps) and signals the group;
 3. checks what is left: each out is absent or identical to the reference (train: checkpoints at their final names
    load with the safe loader and metrics/train.json is not written; its per-step logs are incremental by design);
@@ -267,13 +267,20 @@ def reference(tmp_path_factory) -> Reference:
 
 
 def _trial_copy(ref: Reference, stage: str, dest: Path) -> Path:
-    """The reference project without the killed stage's outs and without the DVC cache; the later stages' outs stay."""
-    skip = {ref.root / o for o in _outs(ref.lock, stage)} | {ref.root / ".dvc/cache", ref.root / ".dvc/tmp"}
+    """The reference project without the killed stage's outs, their objects in the DVC cache and DVC's run cache (so
+    nothing can restore an out of the killed stage); the other stages' outs and cache objects stay (hard links)."""
+    skip = {ref.root / o for o in _outs(ref.lock, stage)} | {ref.root / ".dvc/cache/runs", ref.root / ".dvc/tmp"}
 
     def ignore(d, names):
         return [n for n in names if Path(d) / n in skip]
 
-    shutil.copytree(ref.root, dest, symlinks=True, ignore=ignore)
+    def copy(src, dst):
+        return os.link(src, dst) if "/.dvc/cache/" in src else shutil.copy2(src, dst)
+
+    shutil.copytree(ref.root, dest, symlinks=True, ignore=ignore, copy_function=copy)
+    for o in ref.lock["stages"][stage].get("outs", []):  # else `dvc repro` checks the out out of the object cache
+        md5 = o["md5"]
+        (dest / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink(missing_ok=True)
     return dest
 
 
@@ -283,7 +290,7 @@ def _trial(ref: Reference, stage: str, seed: int, sig: signal.Signals, work: Pat
     proj = _trial_copy(ref, stage, work / "proj")
     outs = _outs(ref.lock, stage)
     log = work / "killed.log"
-    proc = _start(proj, ["dvc", "repro", "-s", stage], log)
+    proc = _start(proj, ["dvc", "repro", "--no-run-cache", "-s", stage], log)
     assert _wait_for(_running(log, stage), proc), log.read_text()
     t0 = time.monotonic()
     if sig == signal.SIGKILL:

@@ -25,7 +25,8 @@ CFG = TrainConfig(model="resnet10t", batch_size=32)
 
 def pf_paths(p, root: Path):
     return p.model_copy(update={"models_dir": str(root / "models"), "train_metrics": str(root / "metrics.json"),
-                                "train_plots_dir": str(root / "reports" / "train")})
+                                "train_plots_dir": str(root / "reports" / "train"),
+                                "checkpoints_dir": str(root / "checkpoints")})
 
 
 @pytest.fixture(scope="module")

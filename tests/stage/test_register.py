@@ -93,6 +93,7 @@ def candidate(root: Path, base, blob: dict | None = None, **test_overrides) -> P
     p = Paths(raw_items=dpaths.raw_items, rejects=dpaths.rejects, audit_dir=str(root / "audit"),
               split_manifest=dpaths.split_manifest, leakage_report=str(root / "leakage.json"),
               leakage_picture=str(root / "leakage.png"), validate_dir=str(root / "validate"), shards_dir=dpaths.shards_dir, models_dir=str(root / "models"),
+              checkpoints_dir=str(root / "checkpoints"),
               train_metrics=str(root / "metrics" / "train.json"), train_plots_dir=str(root / "reports" / "train"),
               evaluate_dir=str(root / "reports" / "evaluate"), test_metrics=str(root / "metrics" / "test.json"),
               test_ledger=str(root / "test_ledger"), register_report=str(root / "reports" / "register.json"))

@@ -72,7 +72,8 @@ def test_init_checkpoint_refused(digits_pipeline, tmp_path):
     bad = plant(tmp_path / "init.pt", marker)
     cfg = TrainConfig(**FAST, pretrained="checkpoint", init_checkpoint=str(bad))
     out = p.model_copy(update={"models_dir": str(tmp_path / "models"), "train_metrics": str(tmp_path / "m.json"),
-                               "train_plots_dir": str(tmp_path / "reports")})
+                               "train_plots_dir": str(tmp_path / "reports"),
+                               "checkpoints_dir": str(tmp_path / "checkpoints")})
     with pytest.raises(ModelConfigError) as e:
         loop.run(cfg, out)
     assert str(e.value).startswith("train.init_checkpoint: ")
@@ -84,9 +85,10 @@ def test_init_checkpoint_refused(digits_pipeline, tmp_path):
 def test_last_pt_refused_on_resume(digits_pipeline, tmp_path):
     p, *_ = digits_pipeline
     marker = tmp_path / "ran"
-    bad = plant(tmp_path / "models" / "last.pt", marker)
+    bad = plant(tmp_path / "checkpoints" / "last.pt", marker)
     out = p.model_copy(update={"models_dir": str(tmp_path / "models"), "train_metrics": str(tmp_path / "m.json"),
-                               "train_plots_dir": str(tmp_path / "reports")})
+                               "train_plots_dir": str(tmp_path / "reports"),
+                               "checkpoints_dir": str(tmp_path / "checkpoints")})
     with pytest.raises(checkpoint.UnsafeCheckpointError) as e:
         loop.run(TrainConfig(**FAST), out)
     refused(str(e.value), bad)

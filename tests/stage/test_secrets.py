@@ -55,7 +55,8 @@ def test_training_writes_no_secret_anywhere(digits_pipeline, tmp_path, monkeypat
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     out = p.model_copy(update={"models_dir": str(tmp_path / "out" / "models"),
                                "train_metrics": str(tmp_path / "out" / "metrics.json"),
-                               "train_plots_dir": str(tmp_path / "out" / "reports")})
+                               "train_plots_dir": str(tmp_path / "out" / "reports"),
+                               "checkpoints_dir": str(tmp_path / "out" / "checkpoints")})
     cfg = TrainConfig(model="resnet10t", epochs=1, batch_size=64, warmup_steps=5, log_every_steps=2)
     with mlflow_server() as srv:
         uri = srv.uri.replace("http://", f"http://keeluser:{PASSWORD}@")

@@ -28,7 +28,7 @@ FAST = {"model": "resnet10t", "epochs": 2, "batch_size": 32, "warmup_steps": 5, 
 
 def train_paths(p, root: Path):
     return p.model_copy(update={"models_dir": str(root / "models"), "train_metrics": str(root / "metrics.json"),
-                                "train_plots_dir": str(root / "reports")})
+                                "train_plots_dir": str(root / "reports"), "checkpoints_dir": str(root / "checkpoints")})
 
 
 def weights(path: Path) -> dict:

@@ -59,7 +59,8 @@ def dry_step(params) -> dict:
     with tempfile.TemporaryDirectory(prefix="keel-preflight-") as tmp:
         t = Path(tmp)
         paths = params.paths.model_copy(update={"models_dir": str(t / "models"), "train_metrics": str(t / "train.json"),
-                                                "train_plots_dir": str(t / "reports" / "train")})
+                                                "train_plots_dir": str(t / "reports" / "train"),
+                                                "checkpoints_dir": str(t / "checkpoints")})
         logger = _logger(t, out)
         t0 = time.perf_counter()
         try:
