@@ -177,6 +177,8 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
 
     result: dict[str, Any] = {"project": str(root), "stages": results, "overrides": applied,
                               "dvc_lock": lock_summary(root), "metrics": metrics_show(root, subprocess_env(root))}
+    # test.json is not a DVC metric (experiments compare on validation): the flow reports it beside them
+    result["metrics"][params.paths.test_metrics] = read_json(root / params.paths.test_metrics)
     reg = read_json(root / params.paths.register_report) or {}
     result["register"] = {k: reg.get(k) for k in REGISTER_FIELDS}
     result["push"] = _push(root, push, remote, io_opts, log)

@@ -11,7 +11,7 @@ Real processes, real dvc, no mocks. A module fixture makes a fresh copy of the r
 2. starts `dvc repro --no-run-cache -s <stage>` in its own process group, waits for "Running stage", sleeps a seeded random share of
    the stage's measured duration (SIGTERM: until a seeded number of logged training steps) and signals the group;
 3. checks what is left: each out is absent or identical to the reference (train: checkpoints at their final names
-   load with the safe loader and metrics/train.json is not written; its per-step logs are incremental by design);
+   (data/checkpoints/, where the training in flight checkpoints) load with the safe loader and metrics/train.json is not written; its per-step logs are incremental by design);
 4. `dvc repro --no-run-cache train`, the pipeline from its first stage to training, as a user would rerun it after a
    crash: DVC must rerun the killed stage whenever an out is not the reference's, and may rerun a later stage only
    where a dep of it changed; afterwards every stage's dvc.lock entry (deps and outs md5) equals the reference's and
@@ -65,6 +65,7 @@ FAST = {
 ENV = {"OMP_NUM_THREADS": "1", "KEEL_TRACKING": "off"}  # tracking off: no MLflow run ids in the outs
 TIMING = re.compile(r"(_s|seconds|images_per_s|data_wait_fraction)$")
 STAMP = re.compile(r"\d{8}T\d{6}\.\d+Z")
+CKPT = "data/checkpoints/last.pt"  # the training in flight (not a DVC output): what a rerun resumes
 NOT_BY_MD5 = {"reports/leakage.json", "reports/validate", "metrics/train.json", "models", "reports/train"}
 
 
@@ -329,12 +330,16 @@ def _trial(ref: Reference, stage: str, seed: int, sig: signal.Signals, work: Pat
                 finished_looking.append(f"{o}: {bad}")
             continue
         finished_looking.append(f"{o}: {_diff(after[o], ref.fps[o])}")
+    if stage == "train":  # the in-flight checkpoints a rerun resumes: never half-written at their final names
+        bad = [p.name for p in (proj / CKPT).parent.glob("*.pt") if _pt_fp(p).startswith("unloadable")]
+        if bad:
+            finished_looking.append(f"{(proj / CKPT).parent.relative_to(proj)}: {bad}")
     temps = sorted(p.relative_to(proj).as_posix() for p in proj.rglob(".*.tmp"))
     ckpt_state = None
-    if sig == signal.SIGTERM and (proj / "models/last.pt").exists():
+    if sig == signal.SIGTERM and (proj / CKPT).exists():
         import torch
 
-        st = torch.load(proj / "models/last.pt", map_location="cpu", weights_only=True)["state"]
+        st = torch.load(proj / CKPT, map_location="cpu", weights_only=True)["state"]
         ckpt_state = (st["epoch"], st["next_batch"])
 
     # (2) the rerun: the pipeline, not the stage
@@ -366,7 +371,7 @@ def _trial(ref: Reference, stage: str, seed: int, sig: signal.Signals, work: Pat
         if weights != ref.weights:
             problems.append(f"weights differ: {[n for n in weights if weights[n] != ref.weights[n]]}")
     if sig == signal.SIGTERM:
-        if "[sigterm]" not in killed_log or "checkpoint models/last.pt" not in killed_log:
+        if "[sigterm]" not in killed_log or f"checkpoint {CKPT}" not in killed_log:
             problems.append(f"no SIGTERM checkpoint line in the run's output: {killed_log[-300:]}")
         if not ckpt_state or ckpt_state[1] == 0:
             problems.append(f"no mid-epoch last.pt after SIGTERM (epoch, next_batch) = {ckpt_state}")

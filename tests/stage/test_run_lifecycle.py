@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,8 +55,9 @@ def _runs(client) -> dict:
     return {} if exp is None else {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
 
 
-def _run_id(root: Path) -> str:
-    info = torch.load(root / "models" / "last.pt", map_location="cpu", weights_only=True)["run_info"]
+def _run_id(root: Path, folder: str = "checkpoints") -> str:
+    """The run last.pt names: the in-flight one (checkpoints/) or the finished training's (models/)."""
+    info = torch.load(root / folder / "last.pt", map_location="cpu", weights_only=True)["run_info"]
     return info["tracking_run_id"]
 
 
@@ -85,7 +87,7 @@ def test_sigterm_kills_the_run_and_the_resume_finishes_that_same_run(digits_pipe
     killed = tracked.get_run(run_id)
     assert killed.info.status == "KILLED"
     first = _steps(tracked, run_id)
-    stopped = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=True)["state"]["step"]
+    stopped = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["state"]["step"]
     assert first == list(range(1, stopped + 1))  # every step logged before the signal reached the server
 
     result = _train(params)  # the resume: in-process, the same server
@@ -164,7 +166,10 @@ def test_a_resume_whose_run_is_gone_logs_to_a_new_run_that_says_so(digits_pipeli
     p, *_ = digits_pipeline
     params = _params_file(p, tmp_path, {**TINY, "epochs": 1, "max_steps": 3})
     _train(params)
-    old = _run_id(tmp_path)
+    old = _run_id(tmp_path, "models")
+    # a kill after the last checkpoint but before models/ was published leaves exactly this: the rerun resumes it
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    shutil.copyfile(tmp_path / "models" / "last.pt", tmp_path / "checkpoints" / "last.pt")
     tracked.delete_run(old)
     before = set(_runs(tracked))
     _train(params)  # resumes last.pt (at its last step) but cannot continue a deleted run

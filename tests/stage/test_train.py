@@ -106,6 +106,25 @@ def test_same_seed_gives_bitwise_identical_weights(digits_pipeline, tmp_path):
     assert not same(a, c)  # the seed matters: the test can fail
 
 
+def test_a_finished_training_is_published_and_the_next_run_trains_anew(digits_pipeline, tmp_path):
+    """`dvc repro -f train` (issue 16): a finished training leaves nothing to resume, so the next run of the same
+    config trains from step 0 (full steps.csv) to the same bits; only an interrupted run resumes."""
+    p, *_ = digits_pipeline
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "max_steps": 6})
+    paths = train_paths(p, tmp_path)
+    first = loop.run(cfg, paths)
+    ckpts, models = tmp_path / "checkpoints", tmp_path / "models"
+    assert sorted(f.name for f in models.iterdir()) == ["best.pt", "last.pt"]
+    assert not list(ckpts.glob("*.pt")), list(ckpts.iterdir())  # the in-flight copies are gone
+    w1, rows1 = weights(models / "last.pt"), _step_rows(tmp_path)
+    assert first.resumed_from_step == 0 and [r[0] for r in rows1] == [str(i) for i in range(1, 7)]
+    (ckpts / ".last.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # what a SIGKILL mid-write leaves
+    second = loop.run(cfg, paths)
+    assert second.resumed_from_step == 0 and second.steps == 6  # trained anew, not "resumed at step 6"
+    assert _step_rows(tmp_path) == rows1 and same(weights(models / "last.pt"), w1)
+    assert not (ckpts / ".last.pt.k1ll3d.tmp").exists()
+
+
 def _params_file(p, root: Path, train: dict) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["paths"].update({k: str(v) for k, v in train_paths(p, root).model_dump().items()})
@@ -127,8 +146,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(reference, digits_pip
     cmd = [sys.executable, "-m", "tasks.cli", "train", "--params", str(params)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last = tmp_path / "models" / "last.pt"
+    first = tmp_path / "checkpoints" / "last.pt"  # the training in flight checkpoints here
     deadline = time.monotonic() + 240
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # into the second epoch
     assert proc.poll() is None, "training finished before it could be killed"
@@ -201,6 +221,9 @@ def test_two_process_fsdp_matches_one_process_and_writes_plain_checkpoints(digit
     ref = weights(tmp_path / "one/models/best.pt")  # the 1-process weights, up to float summation order
     assert best["model"].keys() == ref.keys()
     assert all(torch.allclose(best["model"][k], ref[k], rtol=1e-3, atol=1e-5) for k in ref)
+    # the full state goes back into shards: a kill after the last checkpoint, before models/ was published
+    (tmp_path / "two/checkpoints").mkdir(exist_ok=True)
+    shutil.copyfile(tmp_path / "two/models/last.pt", tmp_path / "two/checkpoints/last.pt")
     r = _torchrun(two, 2)
     assert r.returncode == 0 and "resuming at step 8" in r.stderr, r.stderr  # full state loaded back into shards
     with pytest.raises(ConfigError, match=r"strategy=fsdp does not support ema_decay"):
@@ -279,7 +302,8 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_matches(reference, digits_pipe
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    ck = torch.load(tmp_path / "models" / "last.pt", map_location="cpu", weights_only=True)
+    assert not (tmp_path / "models" / "last.pt").exists()  # models/ holds finished trainings only
+    ck = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ck["state"]["next_batch"] > 0 and ck["state"]["epoch"] == 0  # a mid-epoch checkpoint
     # the interrupted epoch's running train-loss sums, so its mean after the resume is the uninterrupted one's
     assert ck["state"]["epoch_micro_batches"] == ck["state"]["next_batch"] and ck["state"]["epoch_loss_sum"] > 0
