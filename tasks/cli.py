@@ -52,6 +52,9 @@ STAGES = {
                  "cache/remote, the recorded config and seed; compares weights bitwise and val accuracy within "
                  "reproduce.val_tolerance, reports recorded test metrics without a new test read; writes "
                  "reports/reproduce.json and tags the version keel.reproduced.",
+    "promote": "The one test read of an experiment loop: applies the chosen DVC experiment (compared with the "
+               "others on validation only), runs the pipeline so evaluate reads the test split once and register "
+               "gates it, and tags the registered version with the experiment and the number of candidates.",
     "stability": "Is the recipe well behaved? Trains N reseeds, another shuffle, batch x2 (LR by the scaling rule) "
                  "and LR x1.1 on train/val only; reports stable or fragile with the numbers and a plot "
                  "(reports/stability.json/.png) and tags the registered version keel.stability.",
@@ -82,6 +85,7 @@ RUNNERS: dict[str, Runner] = {
                                                               allowed_formats=p.ingest.allowed_formats)),
     "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.run(p)),
     "reproduce": Runner("tasks.discipline.reproduce", _reproduce),
+    "promote": Runner("tasks.discipline.promote", lambda m, p, a: m.run(p, a.experiment)),
 }
 
 
@@ -94,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
         if name == "reproduce":
             sp.add_argument("model", metavar="MODEL", help="models:/<name>/<version>, models:/<name>@<alias> or a run id")
+        if name == "promote":
+            sp.add_argument("experiment", metavar="EXP", help="the experiment's name or rev (`dvc exp show`)")
         if name == "split":
             sp.add_argument("--refreeze", action="store_true",
                             help="deliberately re-split, discarding the frozen assignment (voids earlier test results)")

@@ -1,0 +1,119 @@
+"""keel promote EXP: the one test read at the end of an experiment loop.
+
+Experiments stop at training (``dvc exp run train -S key=value``, ``--queue``/``--temp`` alike; evaluate and
+register refuse to run inside one, ``tasks.core.project.experiment_refusal``) and are compared on validation with
+``dvc exp show``. Promoting the chosen one:
+
+1. lists the experiments of the current commit (``dvc exp show --json``) that finished with validation metrics:
+   the candidates that were compared on validation; EXP must be one of them;
+2. ``dvc exp apply EXP``: its params, dvc.lock and outputs (from the DVC cache) into the workspace;
+3. ``dvc repro``: everything up to training is up to date, so evaluate reads the test split once (the ledger
+   records it) and register gates and registers the model as any pipeline run does;
+4. tags the registered version ``keel.experiment`` (name and git rev), ``keel.candidates_compared`` (how many
+   candidates were compared on validation before this one was chosen) and ``keel.selection`` (the val metric of
+   the choice and of the best candidate), so a reader of the registry knows how much selection happened on val;
+5. writes ``reports/promote.json``.
+
+A failed gate fails the command (exit 1) after the report is written; nothing is tagged."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.core import io
+from tasks.core.config import Params
+from tasks.core.errors import DataError
+from tasks.core.project import project_home
+
+METRIC = "best_val_accuracy"
+
+
+class PromoteError(DataError):
+    """A promotion that cannot go ahead (no such experiment, a failed apply or pipeline run, a failed gate)."""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=root, env=_env(), capture_output=capture, text=True, check=False)
+
+
+def candidates(root: Path, train_metrics: str) -> list[dict]:
+    """The experiments of HEAD that finished with validation metrics, as ``dvc exp show --json`` reports them."""
+    r = _dvc(root, "exp", "show", "--json", "--no-fetch")
+    if r.returncode != 0:
+        raise PromoteError(f"`dvc exp show --json` failed in {root}: {r.stderr.strip()[-400:]}")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=False).stdout.strip()
+    out = []
+    for base in json.loads(r.stdout or "[]"):
+        if base.get("rev") != head:
+            continue
+        for rng in base.get("experiments") or []:
+            if ((rng.get("executor") or {}).get("state") or "success") != "success":
+                continue  # queued, running or failed: not a candidate that was compared
+            for exp in rng.get("revs") or []:
+                data = exp.get("data") or {}
+                metrics = ((data.get("metrics") or {}).get(train_metrics) or {}).get("data") or {}
+                if isinstance(metrics.get(METRIC), (int, float)):
+                    out.append({"name": rng.get("name") or exp.get("name"), "rev": exp.get("rev"),
+                                METRIC: float(metrics[METRIC]), "best_epoch": metrics.get("best_epoch")})
+    return out
+
+
+def _tag(params: Params, report: dict, tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.core import tracking
+
+    uri = report.get("tracking_uri") or tracking.tracking_uri(project_home())
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(report["model_name"], str(report["version"]), k, v)
+
+
+def run(params: Params, experiment: str) -> dict:
+    root = project_home()
+    paths = params.paths
+    cands = candidates(root, paths.train_metrics)
+    if not cands:
+        raise PromoteError(f"{root}: no experiment of the current commit has validation metrics "
+                           f"({paths.train_metrics}); run some first: `dvc exp run train -S train.lr=0.002`")
+    chosen = next((c for c in cands if experiment in (c["name"], c["rev"]) or c["rev"].startswith(experiment)),
+                  None)
+    if chosen is None:
+        raise PromoteError(f"experiment {experiment!r} is not among the {len(cands)} candidates of the current "
+                           f"commit: {', '.join(c['name'] for c in cands)} (`dvc exp show` lists them)")
+    best = max(cands, key=lambda c: c[METRIC])
+    print(f"promote: {chosen['name']} ({METRIC} {chosen[METRIC]:.4f}) of {len(cands)} candidates compared on "
+          f"validation; best {best['name']} ({best[METRIC]:.4f})", file=sys.stderr)
+    if best is not chosen and best[METRIC] > chosen[METRIC]:
+        print(f"promote: note: {chosen['name']} is not the best candidate on validation", file=sys.stderr)
+    r = _dvc(root, "exp", "apply", chosen["name"])
+    if r.returncode != 0:
+        raise PromoteError(f"`dvc exp apply {chosen['name']}` failed: {r.stderr.strip()[-600:]}")
+    r = _dvc(root, "repro", capture=False)  # the user sees the stages run
+    if r.returncode != 0:
+        raise PromoteError(f"`dvc repro` after applying {chosen['name']} failed (exit {r.returncode}); see above")
+    report = json.loads((root / paths.register_report).read_text())
+    result = {"experiment": chosen["name"], "rev": chosen["rev"], "candidates_compared": len(cands),
+              METRIC: chosen[METRIC], "best_candidate": best["name"], "best_" + METRIC: best[METRIC],
+              "candidates": cands, "register": {k: report.get(k) for k in ("status", "model_name", "version")}}
+    io.write_json(root / Path(paths.register_report).parent / "promote.json", result)
+    if report.get("status") not in ("registered", "already_registered"):
+        raise PromoteError(f"{chosen['name']} was evaluated on test but not registered: register says "
+                           f"{report.get('status')!r} (see {paths.register_report})")
+    _tag(params, report, {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
+                          "keel.candidates_compared": str(len(cands)),
+                          "keel.selection": f"{METRIC} {chosen[METRIC]:.4f}; best of the {len(cands)} candidates "
+                                            f"{best[METRIC]:.4f} ({best['name']})"})
+    print(f"promote: {report['model_name']} v{report['version']} is {chosen['name']}, chosen from {len(cands)} "
+          "candidates on validation; one test read", file=sys.stderr)
+    return result
