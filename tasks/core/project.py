@@ -9,6 +9,8 @@ is configuration and wins over both (``tasks.core.tracking.tracking_uri``)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -17,10 +19,18 @@ def project_home() -> Path:
     return Path(root).resolve() if root else Path.cwd().resolve()
 
 
-def at_home(path: str | os.PathLike) -> Path:
-    """``path`` (a ``params.yaml:paths`` entry) in the project, not in an experiment's temporary copy."""
+def at_home(path: str | os.PathLike, root: Path | None = None) -> Path:
+    """``path`` (a ``params.yaml:paths`` entry) in ``root`` (default: the project, not an experiment's copy)."""
     p = Path(path)
-    return p if p.is_absolute() else project_home() / p
+    return p if p.is_absolute() else (root or project_home()) / p
+
+
+def dvc(args: list[str], cwd: Path, capture: bool = True, **kw) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in ``cwd`` with this interpreter's ``bin/`` first on PATH, so the stages it runs find the same
+    environment's ``keel`` and ``torchrun``; never raises on a non-zero exit."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **kw.pop("env", {})}
+    return subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=capture, text=True, check=False, **kw)
 
 
 def experiment_name() -> str | None:

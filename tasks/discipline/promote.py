@@ -18,7 +18,6 @@ A failed gate fails the command (exit 1) after the report is written; nothing is
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 from tasks.core import io
 from tasks.core.config import Params
 from tasks.core.errors import DataError
-from tasks.core.project import project_home
+from tasks.core.project import dvc, project_home
 
 METRIC = "best_val_accuracy"
 
@@ -35,19 +34,9 @@ class PromoteError(DataError):
     """A promotion that cannot go ahead (no such experiment, a failed apply or pipeline run, a failed gate)."""
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _dvc(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=root, env=_env(), capture_output=capture, text=True, check=False)
-
-
 def candidates(root: Path, train_metrics: str) -> list[dict]:
     """The experiments of HEAD that finished with validation metrics, as ``dvc exp show --json`` reports them."""
-    r = _dvc(root, "exp", "show", "--json", "--no-fetch")
+    r = dvc(["exp", "show", "--json", "--no-fetch"], root)
     if r.returncode != 0:
         raise PromoteError(f"`dvc exp show --json` failed in {root}: {r.stderr.strip()[-400:]}")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -68,7 +57,7 @@ def candidates(root: Path, train_metrics: str) -> list[dict]:
     return out
 
 
-def _tag(params: Params, report: dict, tags: dict[str, str]) -> None:
+def _tag(report: dict, tags: dict[str, str]) -> None:
     from mlflow import MlflowClient
 
     from tasks.core import tracking
@@ -94,12 +83,12 @@ def run(params: Params, experiment: str) -> dict:
     best = max(cands, key=lambda c: c[METRIC])
     print(f"promote: {chosen['name']} ({METRIC} {chosen[METRIC]:.4f}) of {len(cands)} candidates compared on "
           f"validation; best {best['name']} ({best[METRIC]:.4f})", file=sys.stderr)
-    if best is not chosen and best[METRIC] > chosen[METRIC]:
+    if best[METRIC] > chosen[METRIC]:
         print(f"promote: note: {chosen['name']} is not the best candidate on validation", file=sys.stderr)
-    r = _dvc(root, "exp", "apply", chosen["name"])
+    r = dvc(["exp", "apply", chosen["name"]], root)
     if r.returncode != 0:
         raise PromoteError(f"`dvc exp apply {chosen['name']}` failed: {r.stderr.strip()[-600:]}")
-    r = _dvc(root, "repro", capture=False)  # the user sees the stages run
+    r = dvc(["repro"], root, capture=False)  # the user sees the stages run
     if r.returncode != 0:
         raise PromoteError(f"`dvc repro` after applying {chosen['name']} failed (exit {r.returncode}); see above")
     report = json.loads((root / paths.register_report).read_text())
@@ -110,7 +99,7 @@ def run(params: Params, experiment: str) -> dict:
     if report.get("status") not in ("registered", "already_registered"):
         raise PromoteError(f"{chosen['name']} was evaluated on test but not registered: register says "
                            f"{report.get('status')!r} (see {paths.register_report})")
-    _tag(params, report, {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
+    _tag(report, {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
                           "keel.candidates_compared": str(len(cands)),
                           "keel.selection": f"{METRIC} {chosen[METRIC]:.4f}; best of the {len(cands)} candidates "
                                             f"{best[METRIC]:.4f} ({best['name']})"})

@@ -37,6 +37,7 @@ import yaml
 from tasks.core import checkpoint, io, lineage, text, tracking
 from tasks.core.config import Paths, ReproduceConfig, TrainConfig, load_params
 from tasks.core.errors import ConfigError, DataError
+from tasks.core.project import at_home, dvc
 
 TAG = "keel."
 REQUIRED_TAGS = ("git_sha", "model_sha256", "training_run_id", "manifest_sha256", "shard_index_sha256")
@@ -156,19 +157,13 @@ def _worktree_params(wt: Path, paths: Paths) -> tuple[dict, Paths]:
         return {"paths": paths.model_dump()}, paths
 
 
-def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
-    return subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-
-
 def _checkout_data(root: Path, wt: Path, wt_paths: Paths, tags: dict) -> None:
-    cache = _dvc(["cache", "dir"], root).stdout.strip() or str(root / ".dvc" / "cache")
-    _dvc(["cache", "dir", "--local", str(Path(cache).resolve())], wt)
-    for line in _dvc(["remote", "list"], root).stdout.splitlines():
+    cache = dvc(["cache", "dir"], root).stdout.strip() or str(root / ".dvc" / "cache")
+    dvc(["cache", "dir", "--local", str(Path(cache).resolve())], wt)
+    for line in dvc(["remote", "list"], root).stdout.splitlines():
         parts = line.split()
         if len(parts) >= 2 and "://" not in parts[1] and not Path(parts[1]).is_absolute():
-            _dvc(["remote", "modify", "--local", parts[0], "url", str((root / ".dvc" / parts[1]).resolve())], wt)
+            dvc(["remote", "modify", "--local", parts[0], "url", str((root / ".dvc" / parts[1]).resolve())], wt)
     # dvc.lock is rewritten by `dvc repro` and often not committed with the code it ran: try the commit's, then
     # the project's current one; the recorded data hashes decide which (if any) restores the model's data.
     commit_lock = (wt / "dvc.lock").read_bytes() if (wt / "dvc.lock").is_file() else None
@@ -184,9 +179,9 @@ def _checkout_data(root: Path, wt: Path, wt_paths: Paths, tags: dict) -> None:
     for source, lock in sources:
         (wt / "dvc.lock").write_bytes(lock)
         targets = ["split", "shard"]
-        r = _dvc(["checkout", "--force", *targets], wt)
+        r = dvc(["checkout", "--force", *targets], wt)
         if r.returncode:
-            r = _dvc(["pull", *targets], wt)
+            r = dvc(["pull", *targets], wt)
         bad = []
         for what, (path, sha) in want.items():
             have = io.sha256_file(path) if path.is_file() else None
@@ -279,7 +274,7 @@ def _weight_delta(uri: str, mv, state: dict, work: Path) -> dict:
 def _recorded_test(root: Path, paths: Paths, sha: str, manifest_sha: str) -> dict:
     from tasks.evaluate import Ledger, latest_read
 
-    ledger = Ledger(_at(root, paths.test_ledger))
+    ledger = Ledger(at_home(paths.test_ledger, root))
     entry = latest_read(ledger.entries(), sha, manifest_sha)
     if entry is None:
         return {"status": f"no recorded test read of {sha[:12]}… in {ledger.path}; not read now (run `keel "
@@ -293,10 +288,6 @@ def _float(v) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
-
-
-def _at(root: Path, p: str) -> Path:
-    return Path(p) if Path(p).is_absolute() else root / p
 
 
 # ---------------------------------------------------------------- outputs
@@ -317,7 +308,7 @@ def format_table(report: dict) -> str:
 
 
 def report_paths(root: Path, paths: Paths) -> tuple[Path, Path]:
-    out = _at(root, paths.register_report).parent
+    out = at_home(paths.register_report, root).parent
     return out / "reproduce.json", out / "reproduce.md"
 
 
