@@ -124,16 +124,39 @@ def _model_link(r: dict) -> None:
     create_link_artifact(link, link_text=text, key="keel-model-link", description="registered model version")
 
 
+# the register gate's threshold checks and the params.yaml key each one is held against (reports/register.json)
+GATE_THRESHOLDS = {"val_accuracy": "register.min_val_accuracy", "test_accuracy": "register.min_test_accuracy",
+                   "test_macro_f1": "register.min_test_macro_f1"}
+
+
+def gate_failures(report: dict | None) -> list[str]:
+    """Why the register gate failed, one line per failed check of ``reports/register.json`` (empty: it passed
+    or there is no report): ``test_accuracy 0.6100 < register.min_test_accuracy 0.9``, else ``name: detail``."""
+    out = []
+    for c in ((report or {}).get("gate") or {}).get("checks") or []:
+        if c.get("passed"):
+            continue
+        name, value, threshold = c.get("name"), c.get("value"), c.get("threshold")
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (value, threshold))
+        if numeric and name in GATE_THRESHOLDS:
+            out.append(f"{name} {value:.4f} < {GATE_THRESHOLDS[name]} {threshold:g}")
+        elif numeric:
+            out.append(f"{name} {value:.4f} < {threshold:.4f} ({c.get('detail')})")
+        else:
+            out.append(f"{name}: {c.get('detail')}")
+    return out
+
+
 def model(root: Path, paths) -> None:
     r = _report(root, paths.register_report)
     name, version, uri = r.get("model_name"), r.get("version"), r.get("tracking_uri") or ""
-    failed = [c.get("name") for c in (r.get("gate") or {}).get("checks", []) if not c.get("passed")]
+    failed = gate_failures(r)
     md = [f"# Model: {r.get('status')}", "", f"- model: `{name}` version **{version}**",
           f"- aliases: {', '.join('@' + a for a in r.get('aliases') or []) or 'none'}",
           f"- model URI: `{r.get('model_uri')}` (version URI `{r.get('version_uri')}`)",
           f"- tracking URI: `{uri}`; run `{r.get('run_id')}`"]
     if failed:
-        md.append(f"- gate failed: {', '.join(failed)}")
+        md += ["- gate failed (the registry is unchanged):", *[f"  - {f}" for f in failed]]
     serve = (r.get("serve") or {}).get("command")
     if serve:
         md.append(f"- serve: `MLFLOW_TRACKING_URI={uri} {serve}`")
@@ -146,7 +169,10 @@ def run_summary(result: dict[str, Any]) -> None:
     md = ["# keel pipeline run", "", "| stage | status | command s | task s |", "|---|---|---:|---:|"]
     md += [f"| {s['stage']} | {s['status']}{' (forced)' if s.get('forced') else ''} | {s['command_seconds']} | "
            f"{s.get('task_seconds', '-')} |" for s in result["stages"]]
-    md += ["", f"- overrides: {result['overrides'] or 'none'}",
+    reg = result.get("register") or {}
+    md += ["", f"- register: {reg.get('status')}" + (f" version {reg['version']}" if reg.get("version") else ""),
+           *[f"  - gate failed: {f}" for f in reg.get("gate_failed") or []],
+           f"- overrides: {result['overrides'] or 'none'}",
            f"- dvc.lock sha256: `{result['dvc_lock']['sha256']}`",
            f"- push: {result['push']}", "", "| stage | output | md5 |", "|---|---|---|"]
     md += [f"| {st} | {path} | `{md5}` |" for st, outs in result["dvc_lock"]["stages"].items()

@@ -66,6 +66,20 @@ UI: ``keel-data-audit``, ``keel-leakage``, ``keel-validation``, ``keel-training`
 ``keel-model`` (+ ``keel-model-link``) and ``keel-run``.  A missing or malformed report is a warning, never a
 failure.
 
+A failed register gate is a failed flow run.  The register stage exits 0 when its gate refuses the model (that is
+a verdict, not an error: ``reports/register.json`` has ``status: gate_failed`` and the checks), so every stage
+succeeded, the result and the artifacts are published as above, and then the flow ends in the state
+``GateFailed``: a state of type FAILED with that name (``prefect.states.Failed(name="GateFailed", ...)``), so
+the UI, ``prefect flow-run ls``, automations and a deployment's caller see a failed run, not a Completed one.
+Its message names the failed checks, e.g. ``register gate failed: test_accuracy 0.6100 <
+register.min_test_accuracy 0.9; val_accuracy 0.6400 < register.min_val_accuracy 0.9 (the registry is
+unchanged; report: reports/register.json)``; the result's ``register.gate_failed`` lists the same reasons and is
+the state's data (persisted JSON, as for a Completed run).  This holds on a run where register was up to date
+too: the verdict on the workspace's model stands until its params, data or the thresholds change.  The CLI
+prints ``keel flow: <message>`` on stderr (and the result with ``--json``) and exits 3 (``EXIT_GATE_FAILED``; a
+failing stage or a refused input exits 1).  Called from Python, ``pipeline(..., return_state=True)`` gives the
+state; ``state.result(raise_on_failure=False)`` is the result dict (a plain call raises on a failed state).
+
 Subprocesses run in the project folder with this interpreter's ``bin/`` first on PATH (``dvc``, ``keel``,
 ``torchrun`` of the same environment) and the project first on PYTHONPATH (the checkout's own ``tasks``).
 
@@ -84,9 +98,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
+from prefect.states import Failed
 
-from flows.artifacts import publish_artifacts, read_json
+from flows.artifacts import gate_failures, publish_artifacts, read_json
 from flows.dvc_run import changed_stages, lock_summary, metrics_show
 from flows.errors import FlowError, StageFailed
 
@@ -98,6 +113,9 @@ from flows.stages import dvc_push, io_options, is_io_bound, run_stage, run_train
 
 FLOW_NAME = "keel-pipeline"
 REGISTER_FIELDS = ("status", "model_name", "version", "aliases", "model_uri", "version_uri", "tracking_uri", "run_id")
+GATE_FAILED = "gate_failed"          # reports/register.json status when the register gate refused the model
+GATE_FAILED_STATE = "GateFailed"     # the flow run's final state then: type FAILED, this name
+EXIT_GATE_FAILED = 3                 # the CLI's exit status then (1: a failing stage or a refused input)
 
 
 def _forced_stages(stages: list[str], force: bool | list[str]) -> set[str]:
@@ -149,8 +167,9 @@ def _push(root: Path, push: bool, remote: str | None, io_opts: dict[str, Any], l
 def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str | None = None,
              force: bool | list[str] = False, nnodes: int = 1, rdzv_endpoint: str | None = None,
              rdzv_id: str = "keel-train", rdzv_is_host: bool | None = None, io_retries: int = 3,
-             project_dir: str | None = None) -> dict[str, Any]:
-    """Run the keel DAG (dvc.yaml) stage by stage through DVC; see the module docstring.
+             project_dir: str | None = None) -> dict[str, Any] | State:
+    """Run the keel DAG (dvc.yaml) stage by stage through DVC; see the module docstring.  Returns the result, or
+    (the register gate refused the model) a ``GateFailed`` state carrying it.
 
     overrides: ``key=value`` params.yaml overrides (as ``dvc exp run -S``); push: ``dvc push`` afterwards;
     remote: DVC remote name to push to; force: True or a list of stage names to re-run even if unchanged;
@@ -181,13 +200,23 @@ def pipeline(overrides: list[str] | None = None, push: bool = True, remote: str 
     result["metrics"][params.paths.test_metrics] = read_json(root / params.paths.test_metrics)
     reg = read_json(root / params.paths.register_report) or {}
     result["register"] = {k: reg.get(k) for k in REGISTER_FIELDS}
+    if reg.get("status") == GATE_FAILED:
+        result["register"]["gate_failed"] = gate_failures(reg) or ["(no failed check in the report)"]
     result["push"] = _push(root, push, remote, io_opts, log)
     result["seconds"] = round(time.perf_counter() - t_flow, 3)
     publish_artifacts(root, params.paths, result)
     ran = [s["stage"] for s in results if s["status"] == "ran"]
     log.info(f"keel pipeline: ran {ran or 'nothing'}; skipped {[s['stage'] for s in results if s['stage'] not in ran]}; "
              f"register: {result['register'].get('status')} v{result['register'].get('version')}")
+    if result["register"].get("status") == GATE_FAILED:
+        message = gate_message(result["register"]["gate_failed"], params.paths.register_report)
+        log.error(message)
+        return Failed(name=GATE_FAILED_STATE, message=message, data=result)
     return result
+
+
+def gate_message(reasons: list[str], report: str | Path) -> str:
+    return f"register gate failed: {'; '.join(reasons)} (the registry is unchanged; report: {report})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,14 +261,21 @@ def main(argv: list[str] | None = None) -> int:
         use_checkout(root)
         apply_overrides(root, args.overrides, write=False)
         force: bool | list[str] = True if "all" in args.force else args.force
-        result = pipeline(overrides=args.overrides, push=args.push, remote=args.remote, force=force,
-                          nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                          rdzv_is_host=is_host, io_retries=args.io_retries, project_dir=args.project_dir)
+        state = pipeline(overrides=args.overrides, push=args.push, remote=args.remote, force=force,
+                         nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                         rdzv_is_host=is_host, io_retries=args.io_retries, project_dir=args.project_dir,
+                         return_state=True)
+        gate_failed = state.is_failed() and state.name == GATE_FAILED_STATE
+        # a Completed run's result, a GateFailed run's result (its data), else the flow's own error is raised
+        result = state.result(raise_on_failure=not gate_failed)
     except (FlowError, StageFailed) as exc:
         print(f"keel flow: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=1, default=str))
+    if gate_failed:
+        print(f"keel flow: {state.message}", file=sys.stderr)
+        return EXIT_GATE_FAILED
     return 0
 
 

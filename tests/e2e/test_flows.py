@@ -7,7 +7,10 @@ the flow's own ``--set`` overrides, well above the register gate; one torch thre
   before any stage with the key named, a failing stage's own message, and a re-run that resumes at that stage;
 - ``dvc pull`` of that push into a second fresh clone: the same shards and model, byte for byte;
 - a real ``prefect server`` + work pools + ``prefect deploy --all`` + a process worker + ``prefect deployment
-  run``: a Completed flow run whose result is the registered model (checked in the clone's MLflow registry).
+  run``: a Completed flow run whose result is the registered model (checked in the clone's MLflow registry);
+  then, on the same server, a flow run whose register gate fails (a threshold raised by ``--set``: only register
+  re-runs): exit 3, state GateFailed (type FAILED) with the failed check in its message as the server has it,
+  its result and artifacts published, the registry unchanged.
 Every server and worker is started in its own process group and stopped by PID; nothing is left running.
 """
 from __future__ import annotations
@@ -266,6 +269,23 @@ def test_artifacts_each_on_its_own(tmp_path, monkeypatch, caplog):
     assert len(warnings) == 5 and "artifact keel-model: not published (FileNotFoundError: reports/register.json)" in warnings
 
 
+def test_gate_failures_name_each_failed_check():
+    from flows.artifacts import gate_failures
+
+    checks = [{"name": "val_accuracy", "value": 0.64, "threshold": 0.9, "passed": False, "detail": "best val"},
+              {"name": "test_accuracy", "value": 0.95, "threshold": 0.9, "passed": True, "detail": "x"},
+              {"name": "test_not_reused", "value": True, "threshold": False, "passed": False,
+               "detail": "test set reused (2 looks) and register.allow_reused_test is false"},
+              {"name": "champion", "value": 0.95, "threshold": 0.97, "passed": False, "detail": "vs @champion v1"}]
+    assert gate_failures({"status": "gate_failed", "gate": {"passed": False, "checks": checks}}) == [
+        "val_accuracy 0.6400 < register.min_val_accuracy 0.9",
+        "test_not_reused: test set reused (2 looks) and register.allow_reused_test is false",
+        "champion 0.9500 < 0.9700 (vs @champion v1)"]
+    assert gate_failures(None) == gate_failures({"status": "registered"}) == []
+    assert fp.gate_message(["a", "b"], "reports/register.json") == (
+        "register gate failed: a; b (the registry is unchanged; report: reports/register.json)")
+
+
 def test_push_remote_from_keel_dvc_remote_url(tmp_path, monkeypatch):
     sh("git init -q && dvc init -q", tmp_path)
     env = project.subprocess_env(tmp_path)
@@ -475,6 +495,43 @@ def test_s3_remote_push_then_pull_into_a_fresh_clone(flow_clone, s3, tmp_path):
 # deployments on a real Prefect server, run by a process worker
 
 
+def _gate_failed_run_on_the_server(clone: Path, env: dict[str, str], api: str) -> None:
+    """The CLI against the real server, with a gate threshold no model meets: only register re-runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    r, _ = _flow(clone, env, "--no-push", "--set", "register.min_val_accuracy=0.9999", check=False)
+    assert r.returncode == fp.EXIT_GATE_FAILED, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(r.stdout[r.stdout.find("{"):])  # the result is printed (--json) on a failed gate too
+    status = _status(result)
+    assert [status[s] for s in STAGES[:-1]] == ["skipped"] * 6 and status["register"] == "ran", result["stages"]
+    reasons = result["register"]["gate_failed"]
+    assert result["register"]["status"] == "gate_failed" and len(reasons) == 1, result["register"]
+    assert reasons[0].startswith("val_accuracy 0.") and reasons[0].endswith(" < register.min_val_accuracy 0.9999")
+    message = f"register gate failed: {reasons[0]} (the registry is unchanged; report: reports/register.json)"
+    assert f"keel flow: {message}" in r.stderr.splitlines(), r.stderr[-3000:]
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        [fr] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=[fp.GATE_FAILED_STATE]))))
+        assert fr.state.is_failed() and fr.state.name == "GateFailed" and fr.state.message == message, fr.state
+        assert fr.state_type.value == "FAILED" and fr.parameters["overrides"] == ["register.min_val_accuracy=0.9999"]
+        stored = fr.state.result(raise_on_failure=False)  # the persisted JSON result, as for a Completed run
+        assert stored["register"] == result["register"] and stored["dvc_lock"] == result["dvc_lock"]
+        arts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))) if a.key}
+    assert {"keel-data-audit", "keel-training", "keel-test-metrics", "keel-model", "keel-run"} <= set(arts), arts
+    assert "keel-model-link" in arts  # the report names the version this model already has (v1, from before)
+    assert reasons[0] in arts["keel-model"].data and f"gate failed: {reasons[0]}" in arts["keel-run"].data
+
+
 @pytest.mark.slow
 def test_deployment_runs_on_a_real_server_through_a_process_worker(tmp_path):
     clone = clone_repo(tmp_path / "keel")
@@ -544,10 +601,12 @@ def test_deployment_runs_on_a_real_server_through_a_process_worker(tmp_path):
             arts = {a["key"] for a in _api(api, "/artifacts/filter", {}) if a.get("key")}
             assert {"keel-data-audit", "keel-leakage", "keel-validation", "keel-training", "keel-test-metrics",
                     "keel-model", "keel-model-link", "keel-run"} <= arts, arts
+        _gate_failed_run_on_the_server(clone, env, api)
     from mlflow.tracking import MlflowClient
 
     registry = MlflowClient(f"sqlite:///{clone / 'mlruns/mlflow.db'}")
     champion = registry.get_model_version_by_alias("keel-classifier", "champion")
     assert str(champion.version) == str(reg["version"])
+    assert len(registry.search_model_versions("name='keel-classifier'")) == 1  # the failed gate registered nothing
     test = json.loads((clone / "metrics/test.json").read_text())
     assert champion.tags["keel.model_sha256"] == test["model_sha256"]
