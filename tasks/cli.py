@@ -83,7 +83,7 @@ RUNNERS: dict[str, Runner] = {
     "evaluate": Runner("tasks.evaluate", lambda m, p, a: m.run(p.evaluate, p.paths)),
     "register": Runner("tasks.register", lambda m, p, a: m.run(p.register_, p.paths,
                                                               allowed_formats=p.ingest.allowed_formats)),
-    "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.run(p)),
+    "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.main(p, report_only=a.report_only)),
     "reproduce": Runner("tasks.discipline.reproduce", _reproduce),
     "promote": Runner("tasks.discipline.promote", lambda m, p, a: m.run(p, a.experiment)),
 }
@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("model", metavar="MODEL", help="models:/<name>/<version>, models:/<name>@<alias> or a run id")
         if name == "promote":
             sp.add_argument("experiment", metavar="EXP", help="the experiment's name or rev (`dvc exp show`)")
+        if name == "stability":
+            sp.add_argument("--report-only", action="store_true",
+                            help="exit 0 even when the verdict is fragile (the report and the tag are written either way)")
         if name == "split":
             sp.add_argument("--refreeze", action="store_true",
                             help="deliberately re-split, discarding the frozen assignment (voids earlier test results)")

@@ -269,11 +269,12 @@ class ReproduceConfig(_Section):
 class StabilityConfig(_Section):
     reseeds: int = Field(3, ge=2, description="training runs with seeds train.seed + 0..N-1")
     epochs: int | None = Field(None, ge=1, description="epochs per run (cost control); null = train.epochs")
-    max_reseed_std: float = Field(0.01, ge=0, description="fragile when the val metric's std over reseeds exceeds this")
+    max_reseed_std: float = Field(0.01, ge=0, description="fragile when the val metric's std over reseeds exceeds "
+                                  "this and the spread val-set noise alone exceeds 5% of the time")
     max_variant_drop: float = Field(0.02, ge=0, description="fragile when a perturbation (other shuffle, batch x2 with "
                                     "the LR scaled by the rule, LR x1.1) loses more than this vs the reseed mean")
-    max_val_dip: float = Field(0.02, ge=0, description="near-monotonic: val accuracy may fall at most this between "
-                               "consecutive epochs")
+    max_val_dip: float = Field(0.02, ge=0, description="near-monotonic: a fall of val accuracy between consecutive "
+                               "epochs counts when above this and 3 sqrt(2p(1-p)/n_val), what the val set resolves")
     model: str | None = Field(None, description="registered version to tag (models:/<name>@<alias> or /<version>); "
                               "null = models:/<register.model_name>@champion when it exists")
 
