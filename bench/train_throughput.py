@@ -290,7 +290,8 @@ def measure_real(args, shards_dir: Path, index: io.ShardIndex, work: Path, profi
                       deterministic=args.deterministic, seed=args.seed)
     work.mkdir(parents=True, exist_ok=True)
     paths = Paths(shards_dir=str(shards_dir), split_manifest=str(work / "no-manifest.parquet"),
-                  models_dir=str(work / "models"), train_metrics=str(work / "metrics" / "train.json"),
+                  models_dir=str(work / "models"), checkpoints_dir=str(work / "checkpoints"),
+                  train_metrics=str(work / "metrics" / "train.json"),
                   train_plots_dir=str(work / "reports"))
     prof = None
     if profile_to is not None:
