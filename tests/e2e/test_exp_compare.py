@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from tests.e2e.test_pipeline import clone_repo, sh
+from tests.e2e.test_pipeline import sh, trained_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +86,7 @@ def wait_for_queue(root, timeout_s: float = 600) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = clone_repo(tmp_path_factory.mktemp("cmp") / "keel")
-    (root / "dvc.lock").unlink(missing_ok=True)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in FAST.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["dvc", "repro", "train"], root, env=ENV)
-    sh("git add -A && git commit -qm baseline", root)
+    root = trained_baseline(tmp_path_factory.mktemp("cmp") / "keel", FAST, ENV)
     return root
 
 

@@ -49,6 +49,20 @@ def clone_repo(dest: Path) -> Path:
     return dest
 
 
+def trained_baseline(dest: Path, overrides: dict[str, dict], env: dict[str, str] | None = None) -> Path:
+    """A fresh clone with ``overrides`` (section -> values) in params.yaml, ``dvc repro train`` run (no test read)
+    and committed as the baseline: where an experiment loop starts."""
+    root = clone_repo(dest)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["dvc", "repro", "train"], root, env=env)
+    sh("git add -A && git commit -qm baseline", root)
+    return root
+
+
 def ran(out: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in out}
 

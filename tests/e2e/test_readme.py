@@ -19,10 +19,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.e2e.test_exp_compare import _exp_show, _ledger, _runs, wait_for_queue
-from tests.e2e.test_pipeline import REPO, clone_repo, sh
+from tests.e2e.test_pipeline import REPO, sh, trained_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +50,7 @@ def test_the_block_is_the_loop():
 
 
 def test_readme_experiment_loop_as_written(tmp_path):
-    root = clone_repo(tmp_path / "keel")
-    (root / "dvc.lock").unlink(missing_ok=True)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in FAST.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["dvc", "repro", "train"], root, env=ENV)
-    sh("git add -A && git commit -qm baseline", root)
+    root = trained_baseline(tmp_path / "keel", FAST, ENV)
     runs0 = len(_runs(root))
 
     outputs: dict[str, str] = {}
