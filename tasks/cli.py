@@ -55,6 +55,10 @@ STAGES = {
     "promote": "The one test read of an experiment loop: applies the chosen DVC experiment (compared with the "
                "others on validation only), runs the pipeline so evaluate reads the test split once and register "
                "gates it, and tags the registered version with the experiment and the number of candidates.",
+    "sweep": "A hyperparameter search declared in params.yaml:sweep (Optuna: TPE, median pruning, a SQLite or "
+             "Postgres study) as the Prefect flow keel-sweep: each trial a `dvc exp run --temp train` experiment "
+             "(train and validate only), several at once; a failed or pruned trial does not stop it, a killed sweep "
+             "resumes from its study; then only the best trial is promoted: one test read, one registration.",
     "stability": "Is the recipe well behaved? Trains N reseeds, another shuffle, batch x2 (LR by the scaling rule) "
                  "and LR x1.1 on train/val only; reports stable or fragile with the numbers and a plot "
                  "(reports/stability.json/.png) and tags the registered version keel.stability.",
@@ -85,7 +89,8 @@ RUNNERS: dict[str, Runner] = {
                                                               allowed_formats=p.ingest.allowed_formats)),
     "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.main(p, report_only=a.report_only)),
     "reproduce": Runner("tasks.discipline.reproduce", _reproduce),
-    "promote": Runner("tasks.discipline.promote", lambda m, p, a: m.run(p, a.experiment)),
+    "promote": Runner("tasks.discipline.promote", lambda m, p, a: m.run(p, a.experiment, a.sweep_report)),
+    "sweep": Runner("tasks.discipline.sweep", lambda m, p, a: m.main(promote=a.promote, fresh=a.fresh)),
 }
 
 
@@ -100,9 +105,15 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("model", metavar="MODEL", help="models:/<name>/<version>, models:/<name>@<alias> or a run id")
         if name == "promote":
             sp.add_argument("experiment", metavar="EXP", help="the experiment's name or rev (`dvc exp show`)")
+            sp.add_argument("--sweep-report", metavar="JSON", help="keel sweep's report (reports/sweep.json) when "
+                            "EXP is one of its trials: the version is tagged with the sweep and its trial count")
         if name == "stability":
             sp.add_argument("--report-only", action="store_true",
                             help="exit 0 even when the verdict is fragile (the report and the tag are written either way)")
+        if name == "sweep":
+            sp.add_argument("--no-promote", dest="promote", action="store_false",
+                            help="search only: no test read; `keel promote <experiment>` later")
+            sp.add_argument("--fresh", action="store_true", help="delete the study first and start over")
         if name == "split":
             sp.add_argument("--refreeze", action="store_true",
                             help="deliberately re-split, discarding the frozen assignment (voids earlier test results)")

@@ -7,7 +7,6 @@ swapped into place, so a killed run never leaves a directory that looks finished
 """
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.core import io
+from tasks.core import io, progress
 from tasks.core.config import Paths, ShardConfig
 from tasks.core.imaging import preprocess
-from tasks.core.parallel import bounded_map
+from tasks.core.parallel import ExecutorSpec, bounded_map
 
 _W: dict = {}
 
@@ -134,14 +133,13 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
     csum = np.zeros(cfg.channels, np.float64)
     csq = np.zeros(cfg.channels, np.float64)
     npx = 0
-    done, last = 0, 0.0
     worker_cfg = {"resolution": cfg.resolution, "channels": cfg.channels, "resize": cfg.resize,
                   "background": list(cfg.alpha_background)}
-    with io.atomic_dir(paths.shards_dir) as tmp:
+    with io.atomic_dir(paths.shards_dir) as tmp, progress.progress(total=total, desc="shard", unit="item") as bar:
         writers = {s: _SplitWriter(tmp, s, cfg) for s in io.SPLITS}
         seen_in_raw = 0
         for ids, images in bounded_map(_decode_batch, batches(), cfg.workers, initializer=_init,
-                                       initargs=(worker_cfg,)):
+                                       initargs=(worker_cfg,), executor=ExecutorSpec.of(cfg, "shard")):
             seen_in_raw += len(ids)
             splits = np.array([split_of[i] for i in ids], dtype=object)
             labels = np.array([class_index[label_of[i]] for i in ids], np.int16)
@@ -155,11 +153,7 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
                         csum += x.sum(0)
                         csq += (x * x).sum(0)
                         npx += x.shape[0]
-            done += len(ids)
-            now = time.monotonic()
-            if now - last > 2.0:
-                last = now
-                print(f"shard: {done}/{total} items ({done / max(now - t0, 1e-9):,.0f}/s)", file=sys.stderr, flush=True)
+            bar.update(len(ids))
         if seen_in_raw != total:
             raise io.DataError(f"{paths.split_manifest}: {total - seen_in_raw} manifest id(s) are not in the raw items "
                                f"at {paths.raw_items}; the manifest and raw items are out of step: re-run split")
@@ -174,4 +168,5 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
         io.write_json(tmp / "index.json", index.to_json())
     rows = {s: sum(f.rows for f in v) for s, v in files.items()}
     print(f"shard: {rows} at {cfg.resolution}x{cfg.resolution}x{cfg.channels}; train mean {index.mean} std {index.std}")
+    progress.summary("shard", sum(rows.values()), None, time.monotonic() - t0)
     return ShardResult(rows, classes, index.mean, index.std, time.monotonic() - t0)

@@ -52,7 +52,11 @@ class IngestConfig(_Section):
     min_side: int = Field(1, ge=1)
     alpha: Literal["composite", "reject"] = "composite"
     allowed_formats: list[str] = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, description="local processes (executor dask: LocalCluster workers)")
+    executor: Literal["local", "dask"] = Field("local", description="local: a process pool here; dask: Dask workers")
+    scheduler_address: str | None = Field(None, description="executor dask: scheduler, e.g. tcp://host:8786; "
+                                          "null = $DASK_SCHEDULER_ADDRESS, else a LocalCluster of `workers`")
+    retries: int = Field(2, ge=0, description="executor dask: resubmissions of a chunk that raised on a worker")
     part_rows: int = Field(20_000, ge=1, description="rows per raw-items parquet part")
     near_dup_max_distance: int = Field(4, ge=0, le=15)
     contact_sheet_items: int = Field(100, ge=1)
@@ -121,7 +125,11 @@ class ShardConfig(_Section):
     resize: Literal["squash", "center_crop"] = "center_crop"
     row_group_rows: int = Field(1024, ge=1)
     shard_rows: int = Field(16_384, ge=1)
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, description="local processes (executor dask: LocalCluster workers)")
+    executor: Literal["local", "dask"] = Field("local", description="local: a process pool here; dask: Dask workers")
+    scheduler_address: str | None = Field(None, description="executor dask: scheduler, e.g. tcp://host:8786; "
+                                          "null = $DASK_SCHEDULER_ADDRESS, else a LocalCluster of `workers`")
+    retries: int = Field(2, ge=0, description="executor dask: resubmissions of a batch that raised on a worker")
     alpha_background: tuple[int, int, int] = (255, 255, 255)
 
 
@@ -279,6 +287,43 @@ class StabilityConfig(_Section):
                               "null = models:/<register.model_name>@champion when it exists")
 
 
+class SweepSpace(_Section):
+    """One searched parameter: a range (``low``/``high``, ``log`` for scale parameters such as an LR; integers when
+    the parameter is an integer) or a list of ``choices``."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[str | int | float | bool] | None = None
+
+
+class SweepPruning(_Section):
+    enabled: bool = True
+    startup_trials: int = Field(2, ge=0, description="trials that finish before any is pruned (MedianPruner)")
+    warmup_epochs: int = Field(1, ge=0, description="epochs a trial trains before it can be pruned")
+
+
+class SweepConfig(_Section):
+    """``keel sweep`` (flows/sweep.py): an Optuna search on validation; only the best trial is promoted (one test
+    read). Checked by tasks.discipline.sweep before any trial runs."""
+    study: str = Field("keel-sweep", min_length=1, description="Optuna study name: rerunning resumes it")
+    storage: str | None = Field(None, description="Optuna storage URL; null = $KEEL_SWEEP_STORAGE or "
+                                "sqlite:///<project>/data/sweeps/optuna.db (the cluster: the team's Postgres)")
+    space: dict[str, SweepSpace] = Field(
+        default_factory=lambda: {"train.lr": SweepSpace(low=0.001, high=0.01, log=True),
+                                 "train.weight_decay": SweepSpace(low=0.01, high=0.2, log=True)},
+        description="dotted params key -> its range")
+    fixed: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="set in every trial, not searched (e.g. fewer epochs)")
+    objective: str = Field("best_val_accuracy", description="a validation metric of paths.train_metrics")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="null: minimize *loss, else maximize")
+    n_trials: int = Field(8, description="trials in the study (a resumed sweep counts the finished ones)")
+    concurrency: int = Field(2, description="trials at once (local: processes; cluster: GPU jobs)")
+    budget_minutes: float | None = Field(120, description="no new trial starts after this; null = no limit")
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    pruning: SweepPruning = SweepPruning()
+
+
 class Params(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -294,6 +339,7 @@ class Params(_Section):
     preflight: PreflightConfig = PreflightConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
     stability: StabilityConfig = StabilityConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

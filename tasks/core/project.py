@@ -8,10 +8,15 @@ copy; else the working directory (``keel <stage>`` run by hand). A remote tracki
 is configuration and wins over both (``tasks.core.tracking.tracking_uri``)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tasks.core.errors import DataError
+
+EXP_METRIC = "best_val_accuracy"  # what experiments are compared and promoted on
 
 
 def project_home() -> Path:
@@ -48,3 +53,27 @@ def experiment_refusal(stage: str) -> str | None:
             "and the test split is read once, for the winner. Run experiments up to training with "
             "`dvc exp run train -S key=value` (or `--queue`/`--temp` the same way), compare them with "
             f"`dvc exp show`, then `keel promote {name}` evaluates and registers the one you choose")
+
+
+def experiments_of_head(root: Path, train_metrics: str) -> list[dict]:
+    """The experiments of HEAD that finished with validation metrics, as ``dvc exp show --json`` reports them."""
+    r = dvc(["exp", "show", "--json", "--no-fetch"], root)
+    if r.returncode != 0:
+        raise DataError(f"`dvc exp show --json` failed in {root}: {r.stderr.strip()[-400:]}")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=False).stdout.strip()
+    out = []
+    for base in json.loads(r.stdout or "[]"):
+        if base.get("rev") != head:
+            continue
+        for rng in base.get("experiments") or []:
+            if ((rng.get("executor") or {}).get("state") or "success") != "success":
+                continue  # queued, running or failed: not a candidate that was compared
+            for exp in rng.get("revs") or []:
+                data = exp.get("data") or {}
+                metrics = ((data.get("metrics") or {}).get(train_metrics) or {}).get("data") or {}
+                if isinstance(metrics.get(EXP_METRIC), (int, float)):
+                    out.append({"name": rng.get("name") or exp.get("name"), "rev": exp.get("rev"),
+                                EXP_METRIC: float(metrics[EXP_METRIC]), "best_val_loss": metrics.get("best_val_loss"),
+                                "best_epoch": metrics.get("best_epoch")})
+    return out

@@ -18,43 +18,33 @@ A failed gate fails the command (exit 1) after the report is written; nothing is
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from tasks.core import io
 from tasks.core.config import Params
 from tasks.core.errors import DataError
-from tasks.core.project import dvc, project_home
+from tasks.core.project import dvc, experiments_of_head, project_home
 
-METRIC = "best_val_accuracy"
+METRIC = "best_val_accuracy"   # tasks.core.project.EXP_METRIC
 
 
 class PromoteError(DataError):
     """A promotion that cannot go ahead (no such experiment, a failed apply or pipeline run, a failed gate)."""
 
 
-def candidates(root: Path, train_metrics: str) -> list[dict]:
-    """The experiments of HEAD that finished with validation metrics, as ``dvc exp show --json`` reports them."""
-    r = dvc(["exp", "show", "--json", "--no-fetch"], root)
-    if r.returncode != 0:
-        raise PromoteError(f"`dvc exp show --json` failed in {root}: {r.stderr.strip()[-400:]}")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                          check=False).stdout.strip()
-    out = []
-    for base in json.loads(r.stdout or "[]"):
-        if base.get("rev") != head:
-            continue
-        for rng in base.get("experiments") or []:
-            if ((rng.get("executor") or {}).get("state") or "success") != "success":
-                continue  # queued, running or failed: not a candidate that was compared
-            for exp in rng.get("revs") or []:
-                data = exp.get("data") or {}
-                metrics = ((data.get("metrics") or {}).get(train_metrics) or {}).get("data") or {}
-                if isinstance(metrics.get(METRIC), (int, float)):
-                    out.append({"name": rng.get("name") or exp.get("name"), "rev": exp.get("rev"),
-                                METRIC: float(metrics[METRIC]), "best_epoch": metrics.get("best_epoch")})
-    return out
+def _sweep_trial(report_path: Path, experiment: str) -> dict:
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PromoteError(f"{report_path}: not a readable sweep report ({exc})") from None
+    trial = next((t for t in report.get("trials") or [] if t.get("experiment") == experiment), None)
+    if trial is None or trial.get("state") != "COMPLETE":
+        raise PromoteError(f"{report_path}: {experiment} is not a complete trial of sweep {report.get('study')!r}")
+    compared = int(report["compared_on_validation"])
+    return {"study": report["study"], "trial": trial["number"], "compared": compared,
+            "selection": f"sweep {report['study']}: trial {trial['number']} of {compared} compared on validation, "
+                         f"{report['objective']} {trial['value']:.4f} ({report['direction']})"}
 
 
 def _tag(report: dict, tags: dict[str, str]) -> None:
@@ -68,10 +58,14 @@ def _tag(report: dict, tags: dict[str, str]) -> None:
         client.set_model_version_tag(report["model_name"], str(report["version"]), k, v)
 
 
-def run(params: Params, experiment: str) -> dict:
+def run(params: Params, experiment: str, sweep_report: str | None = None) -> dict:
+    """Promote ``experiment``. With ``sweep_report`` (``keel sweep``'s reports/sweep.json, whose trial it is) the
+    candidates counted are the sweep's trials compared on validation, and the version is also tagged ``keel.sweep``
+    and ``keel.trial``."""
+    sweep = _sweep_trial(Path(sweep_report), experiment) if sweep_report else None
     root = project_home()
     paths = params.paths
-    cands = candidates(root, paths.train_metrics)
+    cands = experiments_of_head(root, paths.train_metrics)
     if not cands:
         raise PromoteError(f"{root}: no experiment of the current commit has validation metrics "
                            f"({paths.train_metrics}); run some first: `dvc exp run train -S train.lr=0.002`")
@@ -81,7 +75,8 @@ def run(params: Params, experiment: str) -> dict:
         raise PromoteError(f"experiment {experiment!r} is not among the {len(cands)} candidates of the current "
                            f"commit: {', '.join(c['name'] for c in cands)} (`dvc exp show` lists them)")
     best = max(cands, key=lambda c: c[METRIC])
-    print(f"promote: {chosen['name']} ({METRIC} {chosen[METRIC]:.4f}) of {len(cands)} candidates compared on "
+    compared = sweep["compared"] if sweep else len(cands)
+    print(f"promote: {chosen['name']} ({METRIC} {chosen[METRIC]:.4f}) of {compared} candidates compared on "
           f"validation; best {best['name']} ({best[METRIC]:.4f})", file=sys.stderr)
     if best[METRIC] > chosen[METRIC]:
         print(f"promote: note: {chosen['name']} is not the best candidate on validation", file=sys.stderr)
@@ -92,17 +87,23 @@ def run(params: Params, experiment: str) -> dict:
     if r.returncode != 0:
         raise PromoteError(f"`dvc repro` after applying {chosen['name']} failed (exit {r.returncode}); see above")
     report = json.loads((root / paths.register_report).read_text())
-    result = {"experiment": chosen["name"], "rev": chosen["rev"], "candidates_compared": len(cands),
+    result = {"experiment": chosen["name"], "rev": chosen["rev"], "candidates_compared": compared,
               METRIC: chosen[METRIC], "best_candidate": best["name"], "best_" + METRIC: best[METRIC],
               "candidates": cands, "register": {k: report.get(k) for k in ("status", "model_name", "version")}}
+    if sweep:
+        result["sweep"] = sweep
     io.write_json(root / Path(paths.register_report).parent / "promote.json", result)
     if report.get("status") not in ("registered", "already_registered"):
         raise PromoteError(f"{chosen['name']} was evaluated on test but not registered: register says "
                            f"{report.get('status')!r} (see {paths.register_report})")
-    _tag(report, {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
-                          "keel.candidates_compared": str(len(cands)),
-                          "keel.selection": f"{METRIC} {chosen[METRIC]:.4f}; best of the {len(cands)} candidates "
-                                            f"{best[METRIC]:.4f} ({best['name']})"})
-    print(f"promote: {report['model_name']} v{report['version']} is {chosen['name']}, chosen from {len(cands)} "
+    tags = {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
+            "keel.candidates_compared": str(compared),
+            "keel.selection": f"{METRIC} {chosen[METRIC]:.4f}; best of the {len(cands)} candidates "
+                              f"{best[METRIC]:.4f} ({best['name']})"}
+    if sweep:
+        tags.update({"keel.sweep": sweep["study"], "keel.trial": str(sweep["trial"]),
+                     "keel.selection": sweep["selection"]})
+    _tag(report, tags)
+    print(f"promote: {report['model_name']} v{report['version']} is {chosen['name']}, chosen from {compared} "
           "candidates on validation; one test read", file=sys.stderr)
     return result

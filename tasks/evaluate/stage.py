@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tasks.core import io, lineage, runtime
+from tasks.core import io, lineage, progress, runtime
 from tasks.core.config import EvaluateConfig, Paths
 from tasks.core.lineage import model_sha256
 from tasks.core.project import at_home, experiment_refusal
@@ -149,6 +149,7 @@ def run(cfg: EvaluateConfig, paths: Paths) -> EvaluateResult:
           f"{m['macro_f1']:.4f}, ECE {m['ece']:.4f}; ledger: {said} [{time.monotonic() - t0:.1f}s]", file=sys.stderr)
     audit = result.get("feature_audit") or feature_audit.NOT_RECORDED
     print(f"evaluate: {feature_audit.summary_line(audit)}{_recorded_audit_note(cfg, audit, decision)}", file=sys.stderr)
+    progress.summary("evaluate", m["rows"], None, time.monotonic() - t0, unit="test items")
     return EvaluateResult(decision=decision, model_sha256=sha, model_name=name, manifest_sha256=manifest_sha,
                           accuracy=m["accuracy"], macro_f1=m["macro_f1"], loss=m["loss"], ece=m["ece"],
                           rows=m["rows"], looks=result["looks"], test_reused=result["test_reused"],

@@ -12,7 +12,6 @@ cut from them, are then not sorted by class, and the result does not depend on d
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core import io, neardup
+from tasks.core import progress as prog
 from tasks.core.config import IngestConfig, Paths
 from tasks.core.imaging import ImageRejected, decode, features, to_gray
-from tasks.core.parallel import bounded_map, chunked
+from tasks.core.parallel import ExecutorSpec, bounded_map, chunked
 from tasks.ingest import sources
 
 # Stable reject reason codes (the rejects table's ``reason`` column).
@@ -112,19 +112,6 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
     return out
 
 
-class _Progress:
-    def __init__(self, total: int, every_s: float = 2.0):
-        self.total, self.every, self.t0, self.last = total, every_s, time.monotonic(), 0.0
-
-    def update(self, done: int, ingested: int, rejected: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.every:
-            self.last = now
-            rate = done / max(now - self.t0, 1e-9)
-            print(f"ingest: {done}/{self.total} ({ingested} ingested, {rejected} rejected) {rate:,.0f} items/s",
-                  file=sys.stderr, flush=True)
-
-
 def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
     t0 = time.monotonic()
     cands = sources.candidates(cfg.source, root=cfg.root, s3_endpoint=cfg.s3_endpoint)
@@ -151,13 +138,14 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
     seen: dict[str, sources.Candidate] = {}           # id -> the copy kept
     copies: dict[str, list[sources.Candidate]] = {}  # id -> every copy, for ids met more than once
     ingested = 0
-    progress = _Progress(len(cands))
-    with io.atomic_dir(paths.raw_items) as tmp_dir:
+    with io.atomic_dir(paths.raw_items) as tmp_dir, \
+            prog.progress(total=len(cands), initial=len(cands) - len(todo), desc="ingest", unit="item") as bar:
         writer = _PartWriter(tmp_dir, cfg.part_rows)
         # the same chunking twice: one stream goes to the workers, the other pairs each result with its candidates
         for chunk, results in zip(chunked(todo, 64),
                                   bounded_map(_process_chunk, chunked(todo, 64), cfg.workers,
-                                              initializer=_init_worker, initargs=(decode_kwargs, cfg.s3_endpoint))):
+                                              initializer=_init_worker, initargs=(decode_kwargs, cfg.s3_endpoint),
+                                              executor=ExecutorSpec.of(cfg, "ingest"))):
             for c, (row, rej) in zip(chunk, results):
                 if rej is not None:
                     reject(c, *rej)
@@ -180,7 +168,8 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
                 seen[row["id"]] = c
                 writer.add(row)
                 ingested += 1
-            progress.update(ingested + len(rejects), ingested, len(rejects))
+            bar.set_postfix(rejected=len(rejects), refresh=False)
+            bar.update(len(chunk))
         ingested -= _reject_conflicts(copies, seen, writer, rejects, reject)
         writer.close()
         # inside atomic_dir: a broken account (a bug) leaves no raw table that looks finished
@@ -200,7 +189,6 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
                                "of another class (or check the folder layout, the manifest's label column and "
                                f"ingest.classes); the rejects are in {paths.rejects}")
     _write_rejects(paths.rejects, rejects)
-    progress.update(len(cands), ingested, len(rejects), force=True)
 
     counts: dict[str, int] = {}
     for r in rejects:
@@ -211,6 +199,7 @@ def run(cfg: IngestConfig, paths: Paths) -> IngestResult:
     audit.write_audit(cfg, paths, result)
     print(f"ingest: found {result.found} = ingested {result.ingested} + rejected {result.rejected}"
           + (f" ({', '.join(f'{k}: {v}' for k, v in result.reject_counts.items())})" if result.rejected else ""))
+    prog.summary("ingest", result.found, result.reject_counts, time.monotonic() - t0)
     return result
 
 

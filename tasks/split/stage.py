@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.core import io, neardup
+from tasks.core import io, neardup, progress
 from tasks.core.config import Paths, SplitConfig
 from tasks.core.errors import UserError
 from tasks.split import links as links_mod
@@ -133,4 +134,6 @@ def run(cfg: SplitConfig, paths: Paths, refreeze: bool = False) -> SplitResult:
           f"identical-pixel links; {len(decisions)} cross-split items handled by {cfg.cross_split_duplicates}, "
           f"{len(cross_exact)} byte-identical cross-split copies folded at ingest); manifest sha256 {digest[:12]}…; "
           f"see {paths.leakage_report} and {paths.leakage_picture}")
+    excluded = Counter(r for sp, r in zip(split_col, table.column("reason").to_pylist()) if sp == "excluded")
+    progress.summary("split", len(meta), excluded, time.perf_counter() - t0, rejects_word="excluded")
     return SplitResult({k: counts[k] for k in ORDER}, counts["excluded"], digest, report["units"], len(decisions))

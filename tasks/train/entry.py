@@ -8,6 +8,7 @@ MLflow's run context tags and keel's lineage commit, and records the shards as i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from tasks.train import loop
 from tasks.train.logger import OpenTracker
 
 EXPERIMENT = "keel"
+RUN_TAGS_ENV = "KEEL_RUN_TAGS"  # JSON {tag: value} added to a new run's tags (flows/sweep.py sets it per trial)
 DATASET_NAME = "shards (train+val)"
 
 
@@ -95,7 +97,9 @@ def run_tags(run_info: dict[str, Any]) -> dict[str, str]:
     sha = run_info.get("git_sha")
     if sha and sha != "unknown":
         tags["mlflow.source.git.commit"] = sha
-    return tags
+    # a sweep trial: its parent run (mlflow.parentRunId nests it in the UI), the study and the trial number
+    extra = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
+    return {**tags, **{str(k): str(v) for k, v in extra.items()}}
 
 
 def _source(shards_dir: str) -> str:

@@ -20,8 +20,11 @@ Modules: ``inputs`` (the joined frame, per-split statistics), ``expectations`` (
 """
 from __future__ import annotations
 
+import time
+from collections import Counter
 from pathlib import Path
 
+from tasks.core import progress
 from tasks.core.config import Paths, ValidateConfig
 from tasks.core.io import SPLITS, atomic_dir
 from tasks.validate import expectations, report
@@ -33,6 +36,7 @@ __all__ = ["ValidateResult", "ValidationFailed", "run"]
 
 
 def run(cfg: ValidateConfig, paths: Paths) -> ValidateResult:
+    t0 = time.perf_counter()
     frame, excluded, not_in_manifest = load(paths)
     classes, classes_source = declared_classes(cfg, frame)
     stats = split_stats(frame, classes)
@@ -51,8 +55,16 @@ def run(cfg: ValidateConfig, paths: Paths) -> ValidateResult:
         report.write(tmp, result, results)
 
     if failures:
+        _summary(len(frame), failures, t0)
         raise ValidationFailed(report.message(result), result)
     for split in SPLITS:
         print(f"validate: {report.split_line(split, stats[split], classes, cfg)}")
     print(f"validate: {result.expectations} expectations passed; Data Docs at {result.docs_index}")
+    _summary(len(frame), failures, t0)
     return result
+
+
+def _summary(rows: int, failures: list, t0: float) -> None:
+    """The stage's last line (stderr, also in CI): rows checked, failed expectations by split and type."""
+    progress.summary("validate", rows, Counter(f"{f.split} {f.expectation}" for f in failures),
+                     time.perf_counter() - t0, rejects_word="failed expectations")

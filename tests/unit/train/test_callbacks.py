@@ -12,6 +12,7 @@ from tasks.train.callbacks import ORDER, default_callbacks
 from tasks.train.callbacks.best_checkpoint import BestCheckpoint
 from tasks.train.callbacks.early_stopping import EarlyStopping
 from tasks.train.callbacks.non_finite import NonFinite
+from tasks.train.callbacks.progress_bar import ProgressBar
 from tasks.train.callbacks.signal_events import SignalEvents
 from tasks.train.callbacks.sigterm import SigTerm
 from tasks.train.callbacks.step_log import StepLog
@@ -23,8 +24,9 @@ from tests.unit.train.fakes import FakeDist, FakeTrainer
 
 def test_the_callback_order_is_pinned():
     assert ORDER == ("last_checkpoint", "transfer_phases", "sigterm", "non_finite", "signal_events", "step_log",
-                     "best_checkpoint", "early_stopping")
-    assert [cb.name for cb in default_callbacks(TrainConfig())] == list(ORDER)
+                     "best_checkpoint", "early_stopping", "sweep_pruning", "progress_bar")
+    # sweep_pruning is there only in a keel sweep trial (KEEL_SWEEP_TRIAL)
+    assert [cb.name for cb in default_callbacks(TrainConfig())] == [n for n in ORDER if n != "sweep_pruning"]
 
 
 def test_last_pt_state_keeps_its_keys_and_fresh_values():
@@ -206,3 +208,108 @@ def test_train_state_round_trips():
     other = TrainState()
     other.load_state_dict(s.state_dict())
     assert other.state_dict() == s.state_dict() == {"step": 12, "epoch": 1, "next_batch": 4, "history": [{"epoch": 0}]}
+
+
+def _bar_trainer(cb, dist=None):
+    return FakeTrainer([cb], dist=dist, cfg=SimpleNamespace(model="tiny", log_every_steps=4))  # 10 steps an epoch
+
+
+def _epoch_of_steps(t, cb, epoch=0, steps=range(1, 11)):
+    cb.on_epoch_start(t, epoch)
+    for s in steps:
+        cb.on_step_values(t, StepValues(s, epoch, 1.0 / s, 2.0, 0.01))
+
+
+def test_progress_bar_draws_the_epochs_steps_rate_and_loss_when_forced(monkeypatch, capsys):
+    monkeypatch.setenv("KEEL_PROGRESS", "1")  # pytest's stderr is no terminal: force the bar
+    cb = ProgressBar()
+    t = _bar_trainer(cb)
+    _epoch_of_steps(t, cb, steps=range(1, 4))
+    assert cb.bar.n == 0  # the window's steps arrive together: the bar moves at its last one
+    cb.on_step_values(t, StepValues(4, 0, 0.25, 2.0, 0.01))
+    assert cb.bar.n == 4
+    for s in range(5, 11):
+        cb.on_step_values(t, StepValues(s, 0, 1.0 / s, 2.0, 0.01))
+    assert cb.bar is None  # closed at the epoch's last step, before validation prints
+    err = capsys.readouterr().err
+    assert "train: epoch 0" in err and "10/10" in err and "step/s" in err and "loss=0.1000" in err
+
+
+def test_progress_bar_resumed_mid_epoch_starts_part_way(monkeypatch, capsys):
+    monkeypatch.setenv("KEEL_PROGRESS", "1")
+    cb = ProgressBar()
+    t = _bar_trainer(cb)
+    t.state.step, t.state.next_batch = 4, 4
+    _epoch_of_steps(t, cb, steps=[5])
+    assert (cb.bar.n, cb.bar.total, cb.pending) == (4, 10, 1)
+    cb.on_stop(t, "sigterm")
+    assert cb.bar is None and "5/10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("env", "master"), [({}, True), ({"CI": "1"}, True), ({"KEEL_PROGRESS": "1"}, False)])
+def test_progress_bar_draws_nothing_in_a_log_in_ci_or_off_rank_0(monkeypatch, capsys, env, master):
+    for k in ("CI", "KEEL_PROGRESS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cb = ProgressBar()
+    t = _bar_trainer(cb, dist=FakeDist(world=2, master=master))
+    _epoch_of_steps(t, cb)
+    cb.on_fit_end(t, "FINISHED")
+    assert capsys.readouterr().err == ""
+
+
+def _study(tmp_path, trials_done: list[list[float]]):
+    """A real Optuna SQLite study with finished trials (their per-epoch val accuracies) and one running trial."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for curve in trials_done:
+        t = study.ask()
+        for epoch, value in enumerate(curve):
+            t.report(value, epoch)
+        study.tell(t, curve[-1])
+    running = study.ask()
+    return study, {"storage": storage, "study": "s", "trial_id": running._trial_id, "intermediate": "val_accuracy",
+                   "startup_trials": 2, "warmup_epochs": 1}, running
+
+
+def test_sweep_pruning_stops_a_trial_below_the_median_after_warmup(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tasks.train.callbacks.sweep_pruning import ENV, SweepPruning
+
+    study, spec, running = _study(tmp_path, [[0.5, 0.8, 0.9], [0.6, 0.85, 0.92]])
+    monkeypatch.setenv(ENV, json.dumps(spec))
+    cb = SweepPruning.from_env()
+    t = FakeTrainer([cb])
+    cb.on_fit_start(t)
+    t.validate(0, 1.0, 0.1)          # far below, but epoch 0 is warm-up: not pruned
+    assert t.stop_reason is None
+    t.validate(1, 1.0, 0.2)          # below the median (0.825) of the finished trials at epoch 1: pruned
+    assert t.stop_reason == "pruned" and cb.pruned_at == 1
+    assert t.logger.events[0][0] == "pruned" and "after epoch 1" in t.logger.events[0][1]
+    assert "keel train: pruned by the sweep after epoch 1" in capsys.readouterr().err
+    frozen = study.trials[running.number]
+    assert frozen.intermediate_values == {0: 0.1, 1: 0.2} and frozen.user_attrs["pruned_at_epoch"] == 1
+
+
+def test_sweep_pruning_keeps_a_good_trial_and_is_absent_outside_a_sweep(tmp_path, monkeypatch):
+    import json
+
+    from tasks.train.callbacks.sweep_pruning import ENV, SweepPruning
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert SweepPruning.from_env() is None
+    _, spec, _ = _study(tmp_path, [[0.5, 0.8], [0.6, 0.85]])
+    monkeypatch.setenv(ENV, json.dumps(spec))
+    cb = SweepPruning.from_env()
+    t = FakeTrainer([cb])
+    cb.on_fit_start(t)
+    for epoch, acc in enumerate((0.7, 0.9)):
+        t.validate(epoch, 1.0, acc)
+    assert t.stop_reason is None and cb.pruned_at is None and t.dist.agreed == [False, False]
+    assert [n for n in ORDER if n == "sweep_pruning"] and "sweep_pruning" in [
+        c.name for c in default_callbacks(TrainConfig())]

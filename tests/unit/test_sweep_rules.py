@@ -1,0 +1,144 @@
+"""keel sweep's declaration checks (tasks.core.sweep.plan): every bad input is an error naming its key, and
+the whole list comes before any trial runs; the CLI path is tested too (no study, no experiment made)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.core import sweep as rules
+from tasks.core.config import Params
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.unit
+
+
+def _raw(**sweep) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sweep"] = {**raw["sweep"], **sweep}
+    return raw
+
+
+def _plan(tmp_path: Path, **sweep) -> rules.Plan:
+    raw = _raw(**sweep)
+    return rules.plan(Params.model_validate(raw), raw, tmp_path)
+
+
+def _problems(tmp_path: Path, **sweep) -> str:
+    with pytest.raises(rules.SweepError) as e:
+        _plan(tmp_path, **sweep)
+    msg = str(e.value)
+    assert msg.startswith("params.yaml: sweep: ") and "no trial was run" in msg, msg
+    return msg
+
+
+def test_the_shipped_sweep_plans(tmp_path):
+    p = _plan(tmp_path)
+    assert [d.key for d in p.dims] == ["train.lr", "train.weight_decay"]
+    assert p.dims[0] == rules.Dim("train.lr", "float", 0.001, 0.01, True)
+    assert (p.objective, p.intermediate, p.direction) == ("best_val_accuracy", "val_accuracy", "maximize")
+    assert p.storage == f"sqlite:///{(tmp_path / 'data/sweeps/optuna.db').resolve()}"
+    assert p.budget_s == 120 * 60 and p.concurrency == 2
+
+
+def test_ints_stay_ints_and_choices_and_loss_minimises(tmp_path):
+    p = _plan(tmp_path, objective="best_val_loss",
+              space={"train.warmup_steps": {"low": 10, "high": 60}, "train.optimizer": {"choices": ["adamw", "sgd"]},
+                     "train.lr": {"low": 0.001, "high": 0.01}})
+    kinds = {d.key: d.kind for d in p.dims}
+    assert kinds == {"train.warmup_steps": "int", "train.optimizer": "categorical", "train.lr": "float"}
+    assert (p.intermediate, p.direction) == ("val_loss", "minimize")
+
+
+def test_storage_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(rules.STORAGE_ENV, "postgresql://u:p@db:5432/optuna")
+    assert _plan(tmp_path).storage == "postgresql://u:p@db:5432/optuna"
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_param_is_named_with_the_closest_key(tmp_path):
+    msg = _problems(tmp_path, space={"train.lrr": {"low": 0.001, "high": 0.01}})
+    assert "sweep.space.train.lrr: unknown parameter train.lrr (no such key in params.yaml); did you mean train.lr?" in msg
+
+
+def test_an_empty_space(tmp_path):
+    msg = _problems(tmp_path, space={})
+    assert "sweep.space is empty: name the params to search" in msg
+
+
+def test_an_objective_that_reads_test(tmp_path):
+    msg = _problems(tmp_path, objective="test_accuracy")
+    assert "sweep.objective: test_accuracy is a test metric: a sweep chooses on validation" in msg
+    assert "the test split is read once, for the winner" in msg
+
+
+def test_a_budget_of_zero(tmp_path):
+    assert "sweep.budget_minutes is 0: a budget of no time runs nothing" in _problems(tmp_path, budget_minutes=0)
+    assert "sweep.n_trials is 0: a budget of no trials runs nothing" in _problems(tmp_path, n_trials=0)
+    assert "sweep.concurrency is 0" in _problems(tmp_path, concurrency=0)
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"split.seed": {"low": 0, "high": 9}}, "sweep.space.split.seed: split.seed cannot be searched"),
+    ({"evaluate.batch_size": {"choices": [256, 512]}}, "evaluate.batch_size cannot be searched"),
+    ({"train": {"low": 0, "high": 1}}, "sweep.space.train: train cannot be searched"),
+    ({"train.lr": {"low": 0.01, "high": 0.001}}, "sweep.space.train.lr: low (0.01) must be below high (0.001)"),
+    ({"train.lr": {"low": 0.0, "high": 0.01, "log": True}}, "sweep.space.train.lr: a log range needs low > 0"),
+    ({"train.lr": {"low": 0.001}}, "sweep.space.train.lr: needs low and high (a range) or choices (a list)"),
+    ({"train.lr": {"choices": []}}, "sweep.space.train.lr: choices is empty"),
+    ({"train.optimizer": {"low": 0, "high": 1}}, "train.optimizer is 'adamw' in params.yaml, not a number"),
+])
+def test_bad_ranges_name_the_key(tmp_path, space, expected):
+    assert expected in _problems(tmp_path, space=space)
+
+
+def test_every_problem_at_once_and_fixed_keys_checked(tmp_path):
+    msg = _problems(tmp_path, space={"train.lrr": {"low": 1, "high": 2}}, objective="test_macro_f1", n_trials=0,
+                    fixed={"train.epochss": 2})
+    assert "4 problem(s)" in msg and "sweep.fixed.train.epochss: unknown parameter" in msg
+    msg = _problems(tmp_path, fixed={"train.lr": 0.002})
+    assert "sweep.fixed.train.lr: train.lr is also in sweep.space" in msg
+
+
+def test_a_non_validation_objective_and_a_contrary_direction(tmp_path):
+    msg = _problems(tmp_path, objective="images_per_s")
+    assert "sweep.objective: images_per_s is not a validation metric of metrics/train.json" in msg
+    msg = _problems(tmp_path, objective="best_val_loss", direction="maximize")
+    assert "sweep.direction: maximize would choose the worst best_val_loss; use minimize or null" in msg
+
+
+def test_overrides_are_dvc_exp_run_set_arguments():
+    assert rules.overrides({"train.lr": 0.0031, "train.optimizer": "sgd"}, {"train.epochs": 2, "train.ema_decay": None,
+                                                                             "train.compile": False}) == [
+        "train.epochs=2", "train.ema_decay=null", "train.compile=false", "train.lr=0.0031", "train.optimizer=sgd"]
+
+
+def _project(tmp_path: Path, **sweep) -> Path:
+    root = tmp_path / "proj"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(_raw(**sweep), sort_keys=False))
+    return root
+
+
+@pytest.mark.parametrize("sweep, expected", [
+    ({"space": {"train.lrr": {"low": 0.001, "high": 0.01}}}, "unknown parameter train.lrr"),
+    ({"space": {}}, "sweep.space is empty"),
+    ({"objective": "test_accuracy"}, "test_accuracy is a test metric"),
+    ({"budget_minutes": 0}, "sweep.budget_minutes is 0"),
+    # a range keel's schema refuses (train.label_smoothing must be < 1): caught on a copy of params.yaml
+    ({"space": {"train.label_smoothing": {"low": 0.0, "high": 1.5}}},
+     "a trial with {'train.label_smoothing': 1.5} would be refused"),
+])
+def test_keel_sweep_refuses_before_any_trial(tmp_path, sweep, expected):
+    root = _project(tmp_path, **sweep)
+    r = subprocess.run([sys.executable, "-m", "tasks.cli", "sweep"], check=False, cwd=root, capture_output=True, text=True,
+                       env={"PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(REPO), "HOME": str(tmp_path)})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.startswith("keel sweep: error: params.yaml: sweep:") and expected in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]  # no study, no lock, no report
