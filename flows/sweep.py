@@ -70,7 +70,7 @@ class TrialFailed(RuntimeError):
 
 
 def check(root: Path):
-    """The checked plan of ``params.yaml:sweep`` (``tasks.discipline.sweep.plan``), plus every range end and choice
+    """The checked plan of ``params.yaml:sweep`` (``tasks.core.sweep.plan``), plus every range end and choice
     applied to a copy of params.yaml and validated by keel's schema, so a range keel refuses fails here, not in
     a trial. Raises the UserError that names the key."""
     from flows.overrides import OverrideError, apply_overrides

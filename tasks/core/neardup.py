@@ -33,6 +33,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from tasks.core import progress
+
 THUMB = 32              # thumbnail side (pixels)
 EXACT_SEARCH_MAX = 20_000
 INDEX_DIMS = 32         # principal directions the HNSW graph is built on (above EXACT_SEARCH_MAX items)
@@ -384,7 +386,6 @@ def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None, thr
         cand = np.concatenate([live[cand[:, :2]], cand[:, 2:]], axis=1)
     passed_all, ncc_all, det_all, names_all = [], [], [], []
     t1 = time.perf_counter()
-    last = t1
     chunks = [cand[s:s + _CHUNK] for s in range(0, len(cand), _CHUNK)]
 
     def check(c: np.ndarray):
@@ -395,18 +396,14 @@ def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None, thr
     from threadpoolctl import threadpool_limits
 
     workers = max(1, min(threads or os.cpu_count() or 1, 8))
-    with threadpool_limits(limits=1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool:
-        done = 0
+    with threadpool_limits(limits=1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool, \
+            progress.progress(total=len(cand), desc="near duplicates: verify", unit="pair") as bar:
         for c, (ok, ncc, det, names) in zip(chunks, pool.map(check, chunks)):
             passed_all.append(ok)
             ncc_all.append(ncc)
             det_all.append(det)
             names_all += names
-            done += len(c)
-            now = time.perf_counter()
-            if log is not None and now - last > 5:
-                last = now
-                log(f"near duplicates: verified {done:,}/{len(cand):,} candidate pairs ({done / (now - t1):,.0f}/s)")
+            bar.update(len(c))
     if passed_all:
         ok = np.concatenate(passed_all)
         ncc, det = np.concatenate(ncc_all), np.concatenate(det_all)

@@ -2,14 +2,12 @@
 from them: accuracy, macro F1, per-class precision/recall/F1, confusion matrix, NLL, ECE with reliability bins."""
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.core import io
+from tasks.core import io, progress
 
 
 def predict(model, reader: io.ShardReader, mean: list[float], std: list[float], batch_size: int,
@@ -30,9 +28,9 @@ def predict(model, reader: io.ShardReader, mean: list[float], std: list[float], 
 
     model = model.to(device).eval()
     norm = Normalize(mean, std).to(device)
-    total, done, t0, last = len(reader), 0, time.monotonic(), time.monotonic()
     probs, labels, ids = [], [], []
-    with torch.no_grad(), (FeatureTap(model) if on_features is not None else contextlib.nullcontext()) as tap:
+    with torch.no_grad(), (FeatureTap(model) if on_features is not None else contextlib.nullcontext()) as tap, \
+            progress.progress(total=len(reader), desc="evaluate", unit="row") as bar:
         for x, y, i in reader.iter_batches(batch_rows=batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2)
             if tap is not None:
@@ -43,12 +41,7 @@ def predict(model, reader: io.ShardReader, mean: list[float], std: list[float], 
             probs.append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32))
             labels.append(y)
             ids.extend(i)
-            done += len(y)
-            now = time.monotonic()
-            if now - last > 2.0:
-                last = now
-                print(f"evaluate: {done}/{total} test rows ({done / max(now - t0, 1e-9):,.0f}/s)", file=sys.stderr,
-                      flush=True)
+            bar.update(len(y))
     if not probs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), []
     return np.concatenate(probs), np.concatenate(labels), ids

@@ -142,3 +142,37 @@ def test_keel_sweep_refuses_before_any_trial(tmp_path, sweep, expected):
     assert r.stderr.startswith("keel sweep: error: params.yaml: sweep:") and expected in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]  # no study, no lock, no report
+
+
+def test_a_study_of_another_commit_or_objective_is_not_resumed(tmp_path):
+    import logging
+
+    from flows import sweep as flow
+    from flows.errors import FlowError
+
+    plan = _plan(tmp_path)
+    plan = rules.Plan(**{**plan.__dict__, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+    log = logging.getLogger("test")
+    study = flow._open_study(plan, "a" * 40, fresh=False, log=log)
+    assert study.user_attrs["commit"] == "a" * 40 and len(study.user_attrs["tag"]) == 4
+    assert flow._open_study(plan, "a" * 40, fresh=False, log=log).user_attrs == study.user_attrs  # resumed
+    with pytest.raises(FlowError, match=r"study 'keel-sweep' was run on commit aaaaaaaaaa, this is bbbbbbbbbb: its "
+                                        r"trials are experiments of that commit"):
+        flow._open_study(plan, "b" * 40, fresh=False, log=log)
+    other = rules.Plan(**{**plan.__dict__, "objective": "best_val_loss", "direction": "minimize"})
+    with pytest.raises(FlowError, match=r"optimised best_val_accuracy \(maximize\); params.yaml now says "
+                                        r"best_val_loss \(minimize\)"):
+        flow._open_study(other, "a" * 40, fresh=False, log=log)
+    assert flow._open_study(plan, "b" * 40, fresh=True, log=log).user_attrs["commit"] == "b" * 40  # --fresh
+
+
+def test_one_sweep_drives_a_study_at_a_time(tmp_path):
+    from flows import sweep as flow
+    from flows.errors import FlowError
+
+    with flow._one_driver(tmp_path, "s"):
+        with pytest.raises(FlowError, match=r"another keel sweep is driving study 's' \(PID \d+, lock .*s.lock\)"):
+            with flow._one_driver(tmp_path, "s"):
+                pass
+    with flow._one_driver(tmp_path, "s"):  # released: the next one may
+        pass
