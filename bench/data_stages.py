@@ -280,6 +280,72 @@ def unpack_cifar(dest: Path) -> tuple[Path, float]:
     return root, took
 
 
+UPSCALE_VERSION = 1  # bump when the upscaled set's recipe changes, so cached folders are regenerated
+
+
+def _upscale_chunk(args: tuple[list[tuple[str, str]], int]) -> int:
+    """Write each (source, dest) JPEG upscaled to px x px (bicubic), JPEG quality 90, 4:2:0."""
+    from PIL import Image
+
+    pairs, px = args
+    for src, dst in pairs:
+        with Image.open(src) as img:
+            big = img.convert("RGB").resize((px, px), Image.Resampling.BICUBIC)
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        big.save(dst, format="JPEG", quality=90)
+    return len(pairs)
+
+
+def make_upscaled(src_root: Path, dest: Path, px: int, workers: int) -> tuple[Path, float]:
+    """A copy of the CIFAR-10 folder with every image upscaled to px x px (cached under ``dest``): large JPEGs
+    whose decode, not Python overhead, dominates; the same labels, splits and near duplicates as the source."""
+    root = dest / src_root.name
+    marker = dest.with_name(dest.name + ".complete.json")
+    want = {"px": px, "version": UPSCALE_VERSION, "source": str(src_root)}
+    if marker.exists() and json.loads(marker.read_text()) == want and root.is_dir():
+        print(f"bench: reusing upscaled set {root} ({px} px)")
+        return root, 0.0
+    shutil.rmtree(dest, ignore_errors=True)
+    marker.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    pairs = [(src, str(root / os.path.relpath(src, src_root))) for src, _ in list_folder(src_root)]
+    jobs = [(pairs[i:i + 1000], px) for i in range(0, len(pairs), 1000)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            done = sum(pool.map(_upscale_chunk, jobs))
+    else:
+        done = sum(map(_upscale_chunk, jobs))
+    assert done == len(pairs)
+    marker.write_text(json.dumps(want))
+    took = time.perf_counter() - t0
+    print(f"bench: wrote {done} JPEGs upscaled to {px} px in {took:.1f} s")
+    return root, took
+
+
+def limit_folder(src_root: Path, dest: Path, limit: int) -> tuple[Path, float]:
+    """A copy (hard links where possible) of the first ``limit`` files of every folder under src_root (cached)."""
+    root = dest / src_root.name
+    marker = dest.with_name(dest.name + ".complete.json")
+    want = {"limit": limit, "source": str(src_root)}
+    if marker.exists() and json.loads(marker.read_text()) == want and root.is_dir():
+        return root, 0.0
+    shutil.rmtree(dest, ignore_errors=True)
+    t0 = time.perf_counter()
+    for dirpath, _dirs, files in os.walk(src_root):
+        for name in sorted(f for f in files if not f.startswith("."))[:limit]:
+            out = root / os.path.relpath(dirpath, src_root) / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(os.path.join(dirpath, name), out)
+            except OSError:
+                shutil.copyfile(os.path.join(dirpath, name), out)
+    marker.write_text(json.dumps(want))
+    return root, time.perf_counter() - t0
+
+
 def list_folder(root: Path) -> list[tuple[str, str]]:
     """(path, label) of every file under root, label = its parent folder's name (the ingest folder layout)."""
     out = []
@@ -577,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("digits", "cifar10", "synthetic"), default="digits")
     p.add_argument("--n", type=int, default=60_000, help="synthetic: number of images (default %(default)s)")
+    p.add_argument("--upscale", type=int, default=None, metavar="PX",
+                   help="cifar10 only: use a copy of the set with every image upscaled to PX x PX (bicubic, JPEG "
+                        "q90; written once under --workdir, cached): large JPEGs, e.g. 384")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="cifar10 only: the first N images per class folder (train and test), for quicker runs")
     p.add_argument("--smoke", action="store_true",
                    help=f"CI size: synthetic, n={SMOKE_N} (overrides --dataset/--n)")
     p.add_argument("--workdir", type=Path, default=None,
@@ -615,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    tag = args.dataset + (f"-{args.n}" if args.dataset == "synthetic" else "")
+    if (args.upscale or args.limit) and args.dataset != "cifar10":
+        p.error("--upscale and --limit apply to --dataset cifar10 only")
+    tag = args.dataset + (f"-{args.n}" if args.dataset == "synthetic" else "") \
+        + (f"-up{args.upscale}" if args.upscale else "") + (f"-limit{args.limit}" if args.limit else "")
     out_path = args.out or REPO / "bench" / "out" / f"data_stages-{tag}.json"
     temp_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="keel-bench-")) if temp_workdir else args.workdir.resolve()
@@ -635,7 +709,15 @@ def main(argv: list[str] | None = None) -> int:
                 return [(c.data, c.label) for c in sources.candidates(source)]
         elif args.dataset == "cifar10":
             root, prepare_s = unpack_cifar(workdir / "datasets" / "cifar10")
-            prepare_kind, source = "unpack", str(root)
+            prepare_kind = "unpack"
+            if args.limit:
+                root, took = limit_folder(root, workdir / "datasets" / f"cifar10-limit{args.limit}", args.limit)
+                prepare_s += took
+            if args.upscale:
+                up = "cifar10" + (f"-limit{args.limit}" if args.limit else "") + f"-up{args.upscale}"
+                root, took = make_upscaled(root, workdir / "datasets" / up, args.upscale, args.workers)
+                prepare_kind, prepare_s = "unpack + upscale", prepare_s + took
+            source = str(root)
 
             def items_fn():
                 return list_folder(root)
@@ -665,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
             "git": git_info(),
             "machine": machine_info(),
             "versions": versions(),
-            "dataset": {"name": args.dataset, "source": source, "prepare_kind": prepare_kind,
+            "dataset": {"name": args.dataset, "upscale_px": args.upscale, "limit_per_folder": args.limit,
+                        "source": source, "prepare_kind": prepare_kind,
                         "prepare_s": round(prepare_s, 2)},
             "n": None,
             "workers": args.workers,

@@ -19,7 +19,7 @@ from PIL import Image
 
 from tasks.core import io, progress
 from tasks.core.config import Paths, ShardConfig
-from tasks.core.imaging import preprocess
+from tasks.core.imaging import fast_pixels, preprocess, resize_square, to_channels
 from tasks.core.parallel import ExecutorSpec, bounded_map
 
 _W: dict = {}
@@ -39,8 +39,12 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # locally: the host's Pillow limit stays
         for k, data in enumerate(blobs):
             img = Image.open(_io.BytesIO(data))
-            img.load()
-            out[k] = preprocess(img, _W["resolution"], _W["channels"], _W["resize"], _W["background"])
+            px = fast_pixels(img, data)  # a plain JPEG: simplejpeg, Pillow's pixels byte for byte, ~7x faster
+            if px is None:
+                img.load()
+                out[k] = preprocess(img, _W["resolution"], _W["channels"], _W["resize"], _W["background"])
+            else:  # preprocess() after its normalise step, which leaves such pixels as they are
+                out[k] = to_channels(resize_square(px, _W["resolution"], _W["resize"]), _W["channels"])
     return ids, out
 
 

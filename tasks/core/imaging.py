@@ -56,14 +56,15 @@ def has_alpha(img: Image.Image) -> bool:
 
 
 def open_image(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = None, min_side: int = 1,
-               setting: str = "ingest.") -> Image.Image:
+               setting: str = "ingest.", load: bool = True) -> Image.Image:
     """Open ``data`` lazily, refuse it from its header (size, format), then load the pixels; or ``ImageRejected``.
 
     The one guarded way from bytes to a loaded image (ingest's ``decode`` and the served model both use it).
     ``setting`` prefixes the limits' names in messages.  Pillow's own bomb guard reads the process-wide
     ``Image.MAX_IMAGE_PIXELS``, which is the host's and is never changed here: its warning is silenced locally
     (``max_pixels`` is checked here, before any pixel is decoded) and its error, raised only past twice that
-    global, is a refusal with the same reason.
+    global, is a refusal with the same reason.  ``load=False`` returns the image after the header checks, before
+    any pixel is decoded (``decode`` then tries ``fast_pixels`` first).
     """
     if len(data) == 0:
         raise ImageRejected("empty_file", "zero bytes")
@@ -85,6 +86,8 @@ def open_image(data: bytes, *, max_pixels: int, allowed_formats: list[str] | Non
                                 f"({', '.join(allowed_formats)})")
         if min(w, h) < min_side:
             raise ImageRejected("too_small", f"{w}x{h} smaller than {setting}min_side={min_side}")
+        if not load:
+            return img
         try:
             img.load()
         except Image.DecompressionBombError as exc:
@@ -105,12 +108,58 @@ def decode(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = 
 
     Width and height are those of the upright image (what shard and serving see), not of the stored pixels.
     """
-    img = open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_side=min_side)
+    img = open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, min_side=min_side, load=False)
     fmt, mode = img.format or "unknown", img.mode
-    if has_alpha(img) and alpha == "reject":
-        raise ImageRejected("alpha_not_allowed", f"mode {mode} has transparency and ingest.alpha=reject")
-    pixels = normalise(img, background)
+    pixels = fast_pixels(img, data)
+    if pixels is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels was checked above
+            try:
+                img.load()
+            except Image.DecompressionBombError as exc:
+                raise ImageRejected("decompression_bomb", _bomb(exc, "ingest.", max_pixels)) from None
+            except _DECODE_ERRORS as exc:
+                raise ImageRejected("corrupt_image", f"{img.format} {img.width}x{img.height}: {exc}") from None
+        mode = img.mode
+        if has_alpha(img) and alpha == "reject":
+            raise ImageRejected("alpha_not_allowed", f"mode {mode} has transparency and ingest.alpha=reject")
+        pixels = normalise(img, background)
     return Decoded(fmt, mode, pixels.shape[1], pixels.shape[0], pixels)
+
+
+try:  # optional: libjpeg-turbo in one C call, about 7x faster than Pillow's load() on a 32x32 JPEG
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - without it every image takes Pillow's path (same pixels, slower)
+    _simplejpeg = None
+
+_FAST_MODES = {"RGB": "RGB", "L": "GRAY"}
+
+
+def fast_pixels(img: Image.Image, data: bytes) -> np.ndarray | None:
+    """The normalised pixels of a lazily opened (not yet loaded) ``img`` through simplejpeg, or None.
+
+    Only for what the module rule leaves as stored: a baseline or progressive JPEG in mode RGB or L with no EXIF
+    rotation, decoded with the settings Pillow uses (libjpeg-turbo, islow DCT, fancy upsampling), so the pixels are
+    Pillow's, byte for byte (tests/unit/test_fast_decode.py checks this).  ``strict`` turns any libjpeg warning
+    (truncated data, extraneous bytes) into a refusal here: the caller then loads with Pillow, which decides what
+    such a file is, as before.  None also when simplejpeg is not installed.
+    """
+    if _simplejpeg is None or img.format != "JPEG" or img.mode not in _FAST_MODES:
+        return None
+    try:
+        if img.getexif().get(ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+            return None
+    except _DECODE_ERRORS:
+        pass  # unreadable EXIF counts as none (``upright``)
+    try:
+        px = _simplejpeg.decode_jpeg(data, colorspace=_FAST_MODES[img.mode], strict=True)
+    except Exception:  # noqa: BLE001 - anything simplejpeg refuses goes to Pillow, which has the last word
+        return None
+    if img.mode == "L":
+        px = px[:, :, 0]
+    if px.shape[:2] != (img.height, img.width):
+        return None
+    return px
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -158,9 +207,10 @@ def to_gray(pixels: np.ndarray) -> np.ndarray:
     return (pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114).astype(np.uint8)
 
 
-def features(pixels: np.ndarray) -> tuple[float, float, str, int]:
-    """(brightness, contrast, pixel_sha, phash) of normalised pixels."""
-    gray = to_gray(pixels)
+def features(pixels: np.ndarray, gray: np.ndarray | None = None) -> tuple[float, float, str, int]:
+    """(brightness, contrast, pixel_sha, phash) of normalised pixels (``gray``: their ``to_gray``, if made)."""
+    if gray is None:
+        gray = to_gray(pixels)
     brightness = float(gray.mean())
     contrast = float(gray.std())
     pixel_sha = hashlib.sha256(f"{pixels.shape}".encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
@@ -183,13 +233,14 @@ def _dct_matrix(n: int = 32) -> np.ndarray:
 
 def phash(gray: np.ndarray) -> int:
     """64-bit DCT perceptual hash (the pHash construction: 32x32 -> DCT -> 8x8 low band vs its median)."""
-    img = Image.fromarray(gray)
-    if img.size != (32, 32):  # PIL's same-size resize is a copy: skip it
-        img = img.resize((32, 32), Image.Resampling.LANCZOS)
-    small = np.asarray(img, dtype=np.float64)
+    if gray.shape == (32, 32):  # PIL's same-size resize is a copy: skip it, and the round trip through PIL
+        small = gray.astype(np.float64)
+    else:
+        small = np.asarray(Image.fromarray(gray).resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     d8 = _dct_matrix()[:8]  # only the 8x8 low band is used: compute just that corner of the 2-D DCT
     low = (d8 @ small @ d8.T).ravel()
-    bits = low > np.median(low[1:])
+    # the median of the 63 AC terms is their 32nd smallest: np.median's own answer, without its overhead
+    bits = low > np.partition(low[1:], 31)[31]
     return int(np.packbits(bits).view(">u8")[0])
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -78,6 +79,13 @@ def _fetch(c: sources.Candidate) -> bytes:
     return _WORKER["s3"].get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def _thumbnail(gray) -> bytes:
+    """``neardup.thumbnail``, without its round trip through PIL when the image already is the thumbnail's size."""
+    if gray.shape == (neardup.THUMB, neardup.THUMB) and gray.dtype == np.uint8:
+        return gray.tobytes()
+    return neardup.thumbnail(gray)
+
+
 def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tuple[str, str] | None]]:
     out = []
     for c in chunk:
@@ -95,8 +103,9 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
             continue
         try:
             d = decode(data, **_WORKER["decode_kwargs"])
-            brightness, contrast, pixel_sha, ph = features(d.pixels)
-            thumb = neardup.thumbnail(to_gray(d.pixels))
+            gray = to_gray(d.pixels)  # once, for the features and the thumbnail
+            brightness, contrast, pixel_sha, ph = features(d.pixels, gray)
+            thumb = _thumbnail(gray)
         except ImageRejected as r:
             out.append((None, (r.reason, r.detail)))
             continue

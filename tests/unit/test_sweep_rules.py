@@ -170,9 +170,8 @@ def test_one_sweep_drives_a_study_at_a_time(tmp_path):
     from flows import sweep as flow
     from flows.errors import FlowError
 
-    with flow._one_driver(tmp_path, "s"):
-        with pytest.raises(FlowError, match=r"another keel sweep is driving study 's' \(PID \d+, lock .*s.lock\)"):
-            with flow._one_driver(tmp_path, "s"):
-                pass
+    busy = r"another keel sweep is driving study 's' \(PID \d+, lock .*s.lock\)"
+    with flow._one_driver(tmp_path, "s"), pytest.raises(FlowError, match=busy), flow._one_driver(tmp_path, "s"):
+        pass
     with flow._one_driver(tmp_path, "s"):  # released: the next one may
         pass

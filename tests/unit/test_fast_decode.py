@@ -1,0 +1,112 @@
+"""The simplejpeg fast path (tasks.core.imaging.fast_pixels) gives Pillow's pixels byte for byte, and leaves to
+Pillow every JPEG it is not sure about (EXIF rotation, CMYK, damaged data)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.core import imaging
+from tasks.core.imaging import ImageRejected, decode, fast_pixels, preprocess
+
+pytest.importorskip("simplejpeg")
+
+
+def _jpeg(pixels: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _pillow(data: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return imaging.normalise(img)
+
+
+def _photo(h: int, w: int, seed: int, gray: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(x / 5 + seed), np.cos(y / 7), np.sin((x + y) / 11)], -1) * 90 + 128
+    px = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    return px[..., 0] if gray else px
+
+
+CASES = [
+    {"shape": (32, 32), "kw": {"quality": 90}},
+    {"shape": (31, 45), "kw": {"quality": 75, "subsampling": 2}},           # odd sizes, 4:2:0
+    {"shape": (40, 24), "kw": {"quality": 95, "subsampling": 0}},           # 4:4:4
+    {"shape": (33, 17), "kw": {"quality": 85, "subsampling": 1}},           # 4:2:2
+    {"shape": (64, 48), "kw": {"quality": 80, "progressive": True}},
+    {"shape": (300, 257), "kw": {"quality": 70, "optimize": True}},
+    {"shape": (29, 35), "kw": {"quality": 90}, "gray": True},
+    {"shape": (384, 384), "kw": {"quality": 90}},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['shape']}{'-gray' if c.get('gray') else ''}-{c['kw']}")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_path_is_pillow_byte_for_byte(case, seed):
+    data = _jpeg(_photo(*case["shape"], seed, case.get("gray", False)), **case["kw"])
+    img = Image.open(io.BytesIO(data))
+    fast = fast_pixels(img, data)
+    assert fast is not None, "a plain JPEG takes the fast path"
+    slow = _pillow(data)
+    assert fast.dtype == slow.dtype == np.uint8 and fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+    d = decode(data, max_pixels=10**7)
+    np.testing.assert_array_equal(d.pixels, slow)
+    assert (d.format, d.mode, d.width, d.height) == ("JPEG", img.mode, slow.shape[1], slow.shape[0])
+    # the shard stage's fast branch == preprocess() on the loaded image
+    for res, how in ((32, "center_crop"), (24, "stretch")):
+        want = preprocess(Image.open(io.BytesIO(data)), res, 3, how)
+        got = imaging.to_channels(imaging.resize_square(fast, res, how), 3)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_exif_rotated_jpeg_is_left_to_pillow():
+    exif = Image.Exif()
+    exif[imaging.ORIENTATION] = 6
+    data = _jpeg(_photo(16, 24, 3), quality=90, exif=exif.tobytes())
+    assert fast_pixels(Image.open(io.BytesIO(data)), data) is None
+    assert decode(data, max_pixels=10**6).pixels.shape == (24, 16, 3)  # upright, through Pillow
+
+
+def test_cmyk_jpeg_is_left_to_pillow():
+    buf = io.BytesIO()
+    Image.fromarray(_photo(16, 16, 4)).convert("CMYK").save(buf, format="JPEG")
+    data = buf.getvalue()
+    assert fast_pixels(Image.open(io.BytesIO(data)), data) is None
+    assert decode(data, max_pixels=10**6).pixels.shape == (16, 16, 3)
+
+
+def test_truncated_jpeg_is_still_rejected_by_pillow():
+    data = _jpeg(_photo(64, 64, 5), quality=90)
+    cut = data[: len(data) // 2]
+    assert fast_pixels(Image.open(io.BytesIO(cut)), cut) is None
+    with pytest.raises(ImageRejected) as err:
+        decode(cut, max_pixels=10**6)
+    assert err.value.reason == "corrupt_image"
+
+
+def test_without_simplejpeg_pillow_decodes(monkeypatch):
+    data = _jpeg(_photo(20, 20, 6), quality=90)
+    monkeypatch.setattr(imaging, "_simplejpeg", None)
+    assert fast_pixels(Image.open(io.BytesIO(data)), data) is None
+    np.testing.assert_array_equal(decode(data, max_pixels=10**6).pixels, _pillow(data))
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (48, 40), (8, 8)])
+def test_phash_matches_the_median_definition(shape):
+    """phash's 32nd-smallest shortcut gives np.median's bits (and the PIL-free 32x32 path PIL's)."""
+    gray = _photo(*shape, 7, gray=True)
+    img = Image.fromarray(gray)
+    if img.size != (32, 32):
+        img = img.resize((32, 32), Image.Resampling.LANCZOS)
+    small = np.asarray(img, dtype=np.float64)
+    d8 = imaging._dct_matrix()[:8]
+    low = (d8 @ small @ d8.T).ravel()
+    want = int(np.packbits(low > np.median(low[1:])).view(">u8")[0])
+    assert imaging.phash(gray) == want
