@@ -1,18 +1,15 @@
-"""``keel sweep``: the command; the search itself is the Prefect flow ``keel-sweep`` (flows/sweep.py), and its
-declaration's checks are tasks.core.sweep. A sweep that cannot run or ends with no complete trial is a UserError
-(``keel sweep: error: ...``, exit 1)."""
+"""``keel sweep``: the command. The search itself is the Prefect flow ``keel-sweep`` (flows/sweep.py), started as
+its own process, so tasks/ never imports Prefect or flows; its declaration's checks are tasks.core.sweep. The
+flow's process prints ``keel sweep: error: ...`` and exits 1 on a sweep that cannot run; that status is this
+command's."""
 from __future__ import annotations
 
-from typing import Any
+import subprocess
+import sys
 
-from tasks.core.errors import DataError
 
-
-def main(promote: bool = True, fresh: bool = False) -> dict[str, Any]:
-    from flows import sweep
-    from flows.errors import FlowError
-
-    try:
-        return sweep.main(promote=promote, fresh=fresh)
-    except FlowError as exc:
-        raise DataError(str(exc)) from None
+def main(promote: bool = True, fresh: bool = False) -> None:
+    cmd = [sys.executable, "-m", "flows.sweep"] + ([] if promote else ["--no-promote"]) + (["--fresh"] if fresh else [])
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc:
+        raise SystemExit(rc)
