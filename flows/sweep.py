@@ -27,6 +27,14 @@ up to ``sweep.concurrency`` run at once. Its training reports each epoch's val m
   on validation (complete + pruned). ``reports/sweep.json`` and ``reports/sweep.png`` show every trial.
 
 Only one ``keel sweep`` drives a study at a time on this machine (a lock file beside the SQLite study).
+
+Trials as jobs (``keel sweep --trials-on FLOW/DEPLOYMENT``, the deployment ``keel-gpu-sweep`` on the cluster): each
+trial task starts a flow run of a ``keel-sweep-trial`` deployment instead (one Kubernetes GPU Job per trial on the
+keel-gpu pool) and waits for it; the trial trains in a copy of the project sharing its DVC cache
+(flows/sweep_trial.py). The data stages are brought up to date once first; the study's code is the git commit or,
+without .git (the cluster's workspace), a hash of the code and recipe; a resumed sweep cancels the jobs its killed
+predecessor left running; the best trial is promoted by applying its overrides (its training is restored from the
+run-cache).
 """
 from __future__ import annotations
 
@@ -144,8 +152,8 @@ def _open_study(plan, head: str, fresh: bool, log):
     return study
 
 
-def _recover(study, log) -> int:
-    """Trials a killed sweep left RUNNING: FAIL (``interrupted``), their params enqueued again. Returns how many."""
+def _recover(study, log) -> list:
+    """Trials a killed sweep left RUNNING: FAIL (``interrupted``), their params enqueued again. Returns them."""
     import optuna
 
     left = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
@@ -155,7 +163,7 @@ def _recover(study, log) -> int:
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         log.warning(f"trial {t.number} was left running by a sweep that stopped: marked FAIL (interrupted); "
                     "its params run again")
-    return len(left)
+    return left
 
 
 def _counted(study) -> int:
@@ -262,10 +270,13 @@ def run_trial(root: str, number: int, name: str, sets: list[str], env: dict[str,
     return result
 
 
-def _drive(root: Path, study, plan, params, parent_run: str | None, log) -> list[dict[str, Any]]:
-    """Ask, run up to ``concurrency`` trials at once, tell; until n_trials are counted or the budget is spent."""
+def _drive(root: Path, study, plan, params, parent_run: str | None, log, trials_on: str | None = None,
+           head: str = "") -> list[dict[str, Any]]:
+    """Ask, run up to ``concurrency`` trials at once, tell; until n_trials are counted or the budget is spent.
+    ``trials_on``: a ``keel-sweep-trial`` deployment that runs each trial as its own flow run (a job)."""
     import optuna
 
+    from flows.sweep_trial import run_trial_job
     from tasks.core.sweep import overrides
 
     t0 = time.monotonic()
@@ -278,7 +289,10 @@ def _drive(root: Path, study, plan, params, parent_run: str | None, log) -> list
             trial = study.ask()
             values = _suggest(trial, plan.dims)
             name = f"{plan.study}-{tag}-t{trial.number}"
+            sets = overrides(values, plan.fixed)
             trial.set_user_attr("experiment", name)
+            trial.set_user_attr("sets", sets)
+            trial.set_user_attr("trials_on", trials_on or "local")
             spec = {"storage": plan.storage, "study": plan.study, "trial_id": trial._trial_id,
                     "intermediate": plan.intermediate, "startup_trials": plan.startup_trials,
                     "warmup_epochs": plan.warmup_epochs} if plan.pruning else None
@@ -286,8 +300,10 @@ def _drive(root: Path, study, plan, params, parent_run: str | None, log) -> list
                                              **({"mlflow.parentRunId": parent_run} if parent_run else {})})}
             if spec:
                 env[TRIAL_ENV] = json.dumps(spec)
-            fut = run_trial.submit(str(root), trial.number, name, overrides(values, plan.fixed), env,
-                                   params.paths.train_metrics, spec)
+            if trials_on:
+                fut = run_trial_job.submit(str(root), trial.number, name, sets, env, trials_on, head, spec)
+            else:
+                fut = run_trial.submit(str(root), trial.number, name, sets, env, params.paths.train_metrics, spec)
             inflight[fut] = (trial, name, values)
         if not inflight:
             if over:
@@ -343,7 +359,8 @@ def _rows(study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                     "experiment": t.user_attrs.get("experiment"), "error": t.user_attrs.get("error"),
+                     "experiment": t.user_attrs.get("experiment"), "sets": t.user_attrs.get("sets"),
+                     "trials_on": t.user_attrs.get("trials_on", "local"), "error": t.user_attrs.get("error"),
                      "interrupted": bool(t.user_attrs.get("interrupted")),
                      "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"),
                      "started": t.datetime_start.isoformat() if t.datetime_start else None,
@@ -389,19 +406,32 @@ def _promote(root: Path, name: str, register_report: str, log) -> dict[str, Any]
 
 
 @flow(name=FLOW_NAME, persist_result=True, result_serializer="json", validate_parameters=True)
-def sweep(project_dir: str | None = None, promote: bool = True, fresh: bool = False) -> dict[str, Any]:
-    """Run (or resume) the study of params.yaml:sweep, then promote its best trial; see flows/sweep.py."""
+def sweep(project_dir: str | None = None, promote: bool = True, fresh: bool = False,
+          trials_on: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the study of params.yaml:sweep, then promote its best trial; see flows/sweep.py.
+    ``trials_on``: a ``keel-sweep-trial`` deployment; each trial is then its own flow run (flows/sweep_trial.py)."""
+    from flows.sweep_trial import cancel_jobs, check_deployment, code_rev, prepare_data
+
     log = get_run_logger()
     root = project_root(project_dir)
     use_checkout(root)
     params, plan = check(root)
-    head = _git_head(root)
+    if trials_on:
+        check_deployment(trials_on)
+    head = code_rev(root) if trials_on else _git_head(root)
     with _one_driver(root, plan.study):
         study = _open_study(plan, head, fresh, log)
-        interrupted = _recover(study, log)
+        left = _recover(study, log)
+        interrupted = len(left)
         parent = _parent_run(root, study, plan)
         try:
-            result = _search_then_promote(root, study, plan, params, parent, head, interrupted, promote, log)
+            if trials_on:
+                # a job of an interrupted trial may still run (its pod outlived the driver): stop it
+                cancel_jobs(root, [t.user_attrs["experiment"] for t in left
+                                   if t.user_attrs.get("trials_on", "local") != "local"], log)
+                prepare_data(root, log)
+            result = _search_then_promote(root, study, plan, params, parent, head, interrupted, promote, log,
+                                          trials_on)
         except BaseException:
             _end_parent(root, parent, "FAILED")
             raise
@@ -418,7 +448,7 @@ def _end_parent(root: Path, parent: str | None, status: str) -> None:
 
 
 def _search_then_promote(root: Path, study, plan, params, parent: str | None, head: str, interrupted: int,
-                         promote: bool, log) -> dict[str, Any]:
+                         promote: bool, log, trials_on: str | None = None) -> dict[str, Any]:
     import optuna
 
     from tasks.core import io
@@ -427,13 +457,14 @@ def _search_then_promote(root: Path, study, plan, params, parent: str | None, he
     before = _counted(study)
     log.info(f"sweep {plan.study}: {before} of {plan.n_trials} trials already done, {plan.concurrency} at "
              f"once; {plan.direction} {plan.objective} on validation")
-    ran = _drive(root, study, plan, params, parent, log)
+    ran = _drive(root, study, plan, params, parent, log, trials_on, head)
     rows = _rows(study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     compared = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
     result: dict[str, Any] = {
         "study": plan.study, "storage": redact_uri(plan.storage), "commit": head,
         "objective": plan.objective, "direction": plan.direction, "n_trials": plan.n_trials,
+        "trials_on": trials_on or "local",
         "resumed_done": before, "interrupted_requeued": interrupted, "ran_now": [r["number"] for r in ran],
         "trials": rows, "compared_on_validation": compared, "mlflow_run_id": parent}
     if not complete:
@@ -461,13 +492,17 @@ def _search_then_promote(root: Path, study, plan, params, parent: str | None, he
     return result
 
 
-def main(promote: bool = True, fresh: bool = False) -> dict[str, Any]:
+def main(promote: bool = True, fresh: bool = False, trials_on: str | None = None) -> dict[str, Any]:
     """``keel sweep``: the checks first (before Prefect starts), then the flow. Raises UserError / FlowError."""
     root = project_root()
     use_checkout(root)
     check(root)  # every sweep problem before any trial or server starts
     try:
-        state = sweep(project_dir=str(root), promote=promote, fresh=fresh, return_state=True)
+        if trials_on:
+            from flows.sweep_trial import check_target
+
+            check_target(trials_on)
+        state = sweep(project_dir=str(root), promote=promote, fresh=fresh, trials_on=trials_on, return_state=True)
         result = state.result(raise_on_failure=True)
     except FlowError as exc:
         from tasks.core.errors import DataError
@@ -484,6 +519,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--no-promote", dest="promote", action="store_false", help="search only; promote later")
     p.add_argument("--fresh", action="store_true", help="delete the study first and start over")
+    p.add_argument("--trials-on", metavar="DEPLOYMENT", help="run each trial as a flow run of this keel-sweep-trial "
+                   "deployment (e.g. keel-sweep-trial/keel-gpu-sweep-trial: one Kubernetes Job per trial); "
+                   "default: `dvc exp run --temp` here")
     return p
 
 
@@ -492,7 +530,7 @@ if __name__ == "__main__":
 
     a = _parser().parse_args()
     try:
-        main(promote=a.promote, fresh=a.fresh)
+        main(promote=a.promote, fresh=a.fresh, trials_on=a.trials_on)
     except UserError as exc:
         print(f"keel sweep: error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -207,6 +207,12 @@ def init_workspace(source: str | os.PathLike, workspace: str | os.PathLike,
             echo(line)
 
     say(f"workspace {ws} from {src}")
+    _populate(src, ws, say)
+    return lines
+
+
+def _populate(src: Path, ws: Path, say: Callable[[str], None]) -> None:
+    """The image's files, folders and (when absent) dvc.lock into ``ws``; core.no_scm when it has no .git."""
     for rel in FILES:
         data = _read(src / rel)
         dest = ws / rel
@@ -223,6 +229,29 @@ def init_workspace(source: str | os.PathLike, workspace: str | os.PathLike,
         say(f"synced {rel}/: {written} written, {removed} removed, {unchanged} unchanged")
     say(_seed_lock(src / LOCK, ws / LOCK))
     say(_no_scm(ws))
+
+
+def trial_copy(root: str | os.PathLike, dest: str | os.PathLike, cache_dir: str | os.PathLike) -> list[str]:
+    """A fresh DVC project at ``dest`` for one sweep trial run as a job (``flows.sweep_trial``): ``root``'s code,
+    recipe and ``dvc.lock`` (what ``init_workspace`` copies from an image), core.no_scm, and the DVC cache (with its
+    run-cache) at ``cache_dir``, ``root``'s: stages restored from it are not run again, and the trial's training
+    lands in it, so promoting the trial in ``root`` later restores it instead of training again. ``dest`` must not
+    exist yet (it is inside ``root``'s ``.dvc/tmp``, as ``dvc exp run --temp`` keeps its copies)."""
+    src, out = Path(root).absolute(), Path(dest).absolute()
+    if out.exists():
+        raise WorkspaceError(f"{out}: exists already (a trial's copy is made once; remove it to run the trial again)")
+    out.mkdir(parents=True)
+    lines: list[str] = []
+    _populate(src, out, lines.append)
+    from configobj import ConfigObj
+
+    conf = ConfigObj(str(out / LOCAL_CONFIG), encoding="utf-8", file_error=False)
+    conf.setdefault("cache", {})["dir"] = str(Path(cache_dir).absolute())
+    conf.setdefault("cache", {})["type"] = "reflink,hardlink,copy"   # the shards linked, not copied, per trial
+    conf.filename = None
+    lines_ = [ln.decode("utf-8") if isinstance(ln, bytes) else ln for ln in conf.write()]
+    _write_atomic(out / LOCAL_CONFIG, ("\n".join(lines_) + "\n").encode("utf-8"))
+    lines.append(f"cache.dir = {cache_dir}, cache.type = reflink,hardlink,copy in {LOCAL_CONFIG}")
     return lines
 
 

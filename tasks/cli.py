@@ -58,7 +58,9 @@ STAGES = {
     "sweep": "A hyperparameter search declared in params.yaml:sweep (Optuna: TPE, median pruning, a SQLite or "
              "Postgres study) as the Prefect flow keel-sweep: each trial a `dvc exp run --temp train` experiment "
              "(train and validate only), several at once; a failed or pruned trial does not stop it, a killed sweep "
-             "resumes from its study; then only the best trial is promoted: one test read, one registration.",
+             "resumes from its study; then only the best trial is promoted: one test read, one registration. With "
+             "--trials-on DEPLOYMENT each trial is its own flow run of a keel-sweep-trial deployment (on the "
+             "cluster: one Kubernetes GPU Job per trial).",
     "stability": "Is the recipe well behaved? Trains N reseeds, another shuffle, batch x2 (LR by the scaling rule) "
                  "and LR x1.1 on train/val only; reports stable or fragile with the numbers and a plot "
                  "(reports/stability.json/.png) and tags the registered version keel.stability.",
@@ -90,7 +92,8 @@ RUNNERS: dict[str, Runner] = {
     "stability": Runner("tasks.discipline.stability", lambda m, p, a: m.main(p, report_only=a.report_only)),
     "reproduce": Runner("tasks.discipline.reproduce", _reproduce),
     "promote": Runner("tasks.discipline.promote", lambda m, p, a: m.run(p, a.experiment, a.sweep_report)),
-    "sweep": Runner("tasks.discipline.sweep", lambda m, p, a: m.main(promote=a.promote, fresh=a.fresh)),
+    "sweep": Runner("tasks.discipline.sweep", lambda m, p, a: m.main(promote=a.promote, fresh=a.fresh,
+                                                                        trials_on=a.trials_on)),
 }
 
 
@@ -114,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--no-promote", dest="promote", action="store_false",
                             help="search only: no test read; `keel promote <experiment>` later")
             sp.add_argument("--fresh", action="store_true", help="delete the study first and start over")
+            sp.add_argument("--trials-on", metavar="DEPLOYMENT",
+                            help="run each trial as a flow run of this keel-sweep-trial deployment, e.g. "
+                                 "keel-sweep-trial/keel-gpu-sweep-trial (a Kubernetes GPU Job per trial; needs "
+                                 "PREFECT_API_URL); default: `dvc exp run --temp` on this machine")
         if name == "split":
             sp.add_argument("--refreeze", action="store_true",
                             help="deliberately re-split, discarding the frozen assignment (voids earlier test results)")

@@ -2,10 +2,11 @@
 
 ``dvc exp run --temp`` and queued experiments run every stage in a temporary copy of the repository
 (``.dvc/tmp/exps/...``) that DVC deletes afterwards. What must be the project's, not the copy's (the test-access
-ledger, the tracking store with its model registry), is resolved from :func:`project_home`: ``DVC_ROOT``, which DVC
-sets for every stage it runs and, for an experiment, points at the parent repository rather than the executor's
-copy; else the working directory (``keel <stage>`` run by hand). A remote tracking server (``MLFLOW_TRACKING_URI``)
-is configuration and wins over both (``tasks.core.tracking.tracking_uri``)."""
+ledger, the tracking store with its model registry), is resolved from :func:`project_home`: ``KEEL_PROJECT_HOME``
+when set (a sweep trial run as a job, ``flows.sweep_trial``, trains in a copy of the project it names this way);
+else ``DVC_ROOT``, which DVC sets for every stage it runs and, for an experiment, points at the parent repository
+rather than the executor's copy; else the working directory (``keel <stage>`` run by hand). A remote tracking
+server (``MLFLOW_TRACKING_URI``) is configuration and wins over all of them (``tasks.core.tracking.tracking_uri``)."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,11 @@ from pathlib import Path
 from tasks.core.errors import DataError
 
 EXP_METRIC = "best_val_accuracy"  # what experiments are compared and promoted on
+HOME_ENV = "KEEL_PROJECT_HOME"
 
 
 def project_home() -> Path:
-    root = os.environ.get("DVC_ROOT")
+    root = os.environ.get(HOME_ENV) or os.environ.get("DVC_ROOT")
     return Path(root).resolve() if root else Path.cwd().resolve()
 
 

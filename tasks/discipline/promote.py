@@ -14,6 +14,12 @@ register refuse to run inside one, ``tasks.core.project.experiment_refusal``) an
    the choice and of the best candidate), so a reader of the registry knows how much selection happened on val;
 5. writes ``reports/promote.json``.
 
+A trial of a sweep whose trials ran as jobs (``keel sweep --trials-on DEPLOYMENT``, flows/sweep_trial.py) is not a
+DVC experiment: there is nothing to ``dvc exp apply``. Step 2 then applies the trial's recorded overrides (from the
+sweep report) to params.yaml with DVC's own ``-S`` edit, validated by keel's schema before params.yaml is replaced,
+and step 3's ``dvc repro`` restores the trial's training from the DVC run-cache it was saved to (same code, data
+and params), so the model evaluated is the one compared on validation.
+
 A failed gate fails the command (exit 1) after the report is written; nothing is tagged."""
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ def _sweep_trial(report_path: Path, experiment: str) -> dict:
         raise PromoteError(f"{report_path}: {experiment} is not a complete trial of sweep {report.get('study')!r}")
     compared = int(report["compared_on_validation"])
     return {"study": report["study"], "trial": trial["number"], "compared": compared,
+            "trials_on": trial.get("trials_on") or report.get("trials_on") or "local", "sets": trial.get("sets"),
+            "value": trial["value"], "objective": report["objective"],
             "selection": f"sweep {report['study']}: trial {trial['number']} of {compared} compared on validation, "
                          f"{report['objective']} {trial['value']:.4f} ({report['direction']})"}
 
@@ -58,13 +66,40 @@ def _tag(report: dict, tags: dict[str, str]) -> None:
         client.set_model_version_tag(report["model_name"], str(report["version"]), k, v)
 
 
-def run(params: Params, experiment: str, sweep_report: str | None = None) -> dict:
-    """Promote ``experiment``. With ``sweep_report`` (``keel sweep``'s reports/sweep.json, whose trial it is) the
-    candidates counted are the sweep's trials compared on validation, and the version is also tagged ``keel.sweep``
-    and ``keel.trial``."""
-    sweep = _sweep_trial(Path(sweep_report), experiment) if sweep_report else None
-    root = project_home()
-    paths = params.paths
+def _apply_sets(root: Path, sets: list[str], name: str) -> None:
+    """The trial's overrides into params.yaml as ``dvc exp run -S`` writes them; the result validated by keel's
+    schema on a copy first, so a refused value leaves params.yaml as it was."""
+    import shutil
+    import tempfile
+
+    from dvc.utils.hydra import apply_overrides
+
+    from tasks.core.config import load_params
+
+    target = root / "params.yaml"
+    with tempfile.TemporaryDirectory(prefix="keel-promote-") as tmp:
+        trial = Path(tmp) / "params.yaml"
+        shutil.copyfile(target, trial)
+        try:
+            apply_overrides(str(trial), list(sets))
+            load_params(trial)
+        except Exception as exc:  # noqa: BLE001 - keel's ConfigError, dvc's InvalidArgumentError (Hydra)
+            raise PromoteError(f"{target}: the overrides of {name} ({' '.join(sets)}) do not apply: "
+                               f"{exc.__cause__ or exc}") from None
+        io.write_bytes(target, trial.read_bytes())
+
+
+def _choose(root: Path, paths, experiment: str, sweep: dict | None) -> tuple[dict, dict, list[dict], int]:
+    """(chosen, best, candidates, compared): the experiment to promote among those compared on validation, after
+    its params and outputs are in the workspace (``dvc exp apply``, or a job trial's overrides)."""
+    if sweep and sweep["trials_on"] != "local":
+        if not sweep.get("sets"):
+            raise PromoteError(f"sweep report: trial {sweep['trial']} ({experiment}) has no recorded overrides")
+        chosen = {"name": experiment, "rev": None, METRIC: None, sweep["objective"]: sweep["value"]}
+        _apply_sets(root, sweep["sets"], experiment)
+        print(f"promote: {experiment}, sweep trial {sweep['trial']} run as a job on {sweep['trials_on']}: its "
+              f"overrides applied to params.yaml ({' '.join(sweep['sets'])})", file=sys.stderr)
+        return chosen, chosen, [chosen], sweep["compared"]
     cands = experiments_of_head(root, paths.train_metrics)
     if not cands:
         raise PromoteError(f"{root}: no experiment of the current commit has validation metrics "
@@ -83,6 +118,17 @@ def run(params: Params, experiment: str, sweep_report: str | None = None) -> dic
     r = dvc(["exp", "apply", chosen["name"]], root)
     if r.returncode != 0:
         raise PromoteError(f"`dvc exp apply {chosen['name']}` failed: {r.stderr.strip()[-600:]}")
+    return chosen, best, cands, compared
+
+
+def run(params: Params, experiment: str, sweep_report: str | None = None) -> dict:
+    """Promote ``experiment``. With ``sweep_report`` (``keel sweep``'s reports/sweep.json, whose trial it is) the
+    candidates counted are the sweep's trials compared on validation, and the version is also tagged ``keel.sweep``
+    and ``keel.trial``."""
+    sweep = _sweep_trial(Path(sweep_report), experiment) if sweep_report else None
+    root = project_home()
+    paths = params.paths
+    chosen, best, cands, compared = _choose(root, paths, experiment, sweep)
     r = dvc(["repro"], root, capture=False)  # the user sees the stages run
     if r.returncode != 0:
         raise PromoteError(f"`dvc repro` after applying {chosen['name']} failed (exit {r.returncode}); see above")
@@ -96,10 +142,13 @@ def run(params: Params, experiment: str, sweep_report: str | None = None) -> dic
     if report.get("status") not in ("registered", "already_registered"):
         raise PromoteError(f"{chosen['name']} was evaluated on test but not registered: register says "
                            f"{report.get('status')!r} (see {paths.register_report})")
-    tags = {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
-            "keel.candidates_compared": str(compared),
-            "keel.selection": f"{METRIC} {chosen[METRIC]:.4f}; best of the {len(cands)} candidates "
-                              f"{best[METRIC]:.4f} ({best['name']})"}
+    if chosen["rev"]:
+        tags = {"keel.experiment": f"{chosen['name']} ({chosen['rev'][:10]})",
+                "keel.selection": f"{METRIC} {chosen[METRIC]:.4f}; best of the {len(cands)} candidates "
+                                  f"{best[METRIC]:.4f} ({best['name']})"}
+    else:
+        tags = {"keel.experiment": f"{chosen['name']} (sweep trial run as a job on {sweep['trials_on']})"}
+    tags["keel.candidates_compared"] = str(compared)
     if sweep:
         tags.update({"keel.sweep": sweep["study"], "keel.trial": str(sweep["trial"]),
                      "keel.selection": sweep["selection"]})

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 
-def main(promote: bool = True, fresh: bool = False) -> None:
+def main(promote: bool = True, fresh: bool = False, trials_on: str | None = None) -> None:
     cmd = [sys.executable, "-m", "flows.sweep"] + ([] if promote else ["--no-promote"]) + (["--fresh"] if fresh else [])
+    if trials_on:
+        cmd += ["--trials-on", trials_on]
     rc = subprocess.run(cmd, check=False).returncode
     if rc:
         raise SystemExit(rc)

@@ -553,7 +553,8 @@ def test_deployment_runs_on_a_real_server_through_a_process_worker(tmp_path):
               str(clone / "infra/prefect/k8s-base-job-template.json")], clone, env)
         _run([prefect, "--no-prompt", "deploy", "--all"], clone, env)
         deps = {d["name"]: d for d in _api(api, "/deployments/filter", {})}
-        assert set(deps) == {"keel-local", "keel-gpu-nightly", "keel-gpu-multinode"}
+        assert set(deps) == {"keel-local", "keel-gpu-nightly", "keel-gpu-multinode", "keel-local-sweep-trial",
+                             "keel-gpu-sweep", "keel-gpu-sweep-trial"}
         local, gpu, multi = deps["keel-local"], deps["keel-gpu-nightly"], deps["keel-gpu-multinode"]
         assert local["work_pool_name"] == "keel-local" and local["entrypoint"] == "flows/pipeline.py:pipeline"
         assert local["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(clone)}}]
@@ -576,6 +577,18 @@ def test_deployment_runs_on_a_real_server_through_a_process_worker(tmp_path):
                                                                "keel.dev/rendezvous": "keel-multinode"}}
         assert multi["parameters"]["nnodes"] == 2 and multi["parameters"]["rdzv_is_host"] is True
         assert multi["parameters"]["rdzv_endpoint"] == "keel-flow-rdzv.keel.svc.cluster.local:29400"
+        # a sweep on the cluster: its driver and one GPU Job per trial, both in the workspace volume
+        sweep, trial = deps["keel-gpu-sweep"], deps["keel-gpu-sweep-trial"]
+        assert sweep["entrypoint"] == "flows/sweep.py:sweep" and trial["entrypoint"] == "flows/sweep_trial.py:sweep_trial"
+        assert sweep["parameters"]["trials_on"] == "keel-sweep-trial/keel-gpu-sweep-trial"
+        assert deps["keel-local-sweep-trial"]["entrypoint"] == trial["entrypoint"]
+        for d in (sweep, trial):
+            assert d["work_pool_name"] == "keel-gpu" and d["pull_steps"] == gpu["pull_steps"]
+            assert d["job_variables"]["gpu_count"] == 1 and d["job_variables"]["image"] == jv["image"]
+        def limit(d):  # the server keeps a deployment's concurrency_limit as a global concurrency limit
+            return d.get("concurrency_limit") or (d.get("global_concurrency_limit") or {}).get("limit")
+
+        assert limit(trial) == 4 and limit(sweep) == 1
 
         with _process([prefect, "worker", "start", "--pool", "keel-local"], tmp_path, env,
                       tmp_path / "worker.log") as (worker, seen):

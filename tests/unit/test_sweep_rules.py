@@ -175,3 +175,104 @@ def test_one_sweep_drives_a_study_at_a_time(tmp_path):
         pass
     with flow._one_driver(tmp_path, "s"):  # released: the next one may
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trials as jobs (flows/sweep_trial.py): the code a study runs, the trial's copy, promoting a job trial
+
+
+def _code_tree(dest: Path) -> Path:
+    """The files a trial copy takes from a project (flows.workspace.FILES / FOLDERS), no .git."""
+    from flows.workspace import FILES, FOLDERS
+
+    for rel in FILES:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / rel, dest / rel)
+    for rel in FOLDERS:
+        shutil.copytree(REPO / rel, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def test_code_rev_is_the_commit_or_a_hash_of_the_code(tmp_path):
+    from flows.sweep_trial import code_rev
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert code_rev(REPO) == head
+    ws = _code_tree(tmp_path / "ws")          # the cluster's workspace: no .git
+    rev = code_rev(ws)
+    assert rev.startswith("tree-") and len(rev) == 21 and code_rev(ws) == rev
+    (ws / "data").mkdir()
+    (ws / "data/anything.bin").write_bytes(b"outputs do not count")
+    assert code_rev(ws) == rev
+    with open(ws / "tasks/train/__init__.py", "a") as fh:
+        fh.write("\n# a change of code\n")
+    assert code_rev(ws) != rev
+
+
+def test_a_trial_copy_shares_the_projects_cache_and_is_made_once(tmp_path):
+    from configobj import ConfigObj
+
+    from flows.workspace import WorkspaceError, trial_copy
+
+    ws = _code_tree(tmp_path / "ws")
+    (ws / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    copy = ws / ".dvc/tmp/keel-trials/t1"
+    trial_copy(ws, copy, ws / ".dvc/cache")
+    assert (copy / "dvc.lock").read_text() == (ws / "dvc.lock").read_text()
+    assert (copy / "tasks/train/__init__.py").read_bytes() == (ws / "tasks/train/__init__.py").read_bytes()
+    conf = ConfigObj(str(copy / ".dvc/config.local"))
+    assert conf["core"]["no_scm"] == "true" and conf["cache"]["dir"] == str(ws / ".dvc/cache")
+    with pytest.raises(WorkspaceError, match=r"t1: exists already \(a trial's copy is made once"):
+        trial_copy(ws, copy, ws / ".dvc/cache")
+
+
+def test_promoting_a_job_trial_applies_its_overrides_or_refuses_naming_the_key(tmp_path):
+    from tasks.discipline.promote import PromoteError, _apply_sets
+
+    (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    before = (tmp_path / "params.yaml").read_bytes()
+    with pytest.raises(PromoteError) as e:
+        _apply_sets(tmp_path, ["train.lr=0.004", "train.label_smoothing=1.5"], "keel-sweep-ab12-t3")
+    msg = str(e.value)
+    assert "the overrides of keel-sweep-ab12-t3 (train.lr=0.004 train.label_smoothing=1.5) do not apply" in msg
+    assert "label_smoothing" in msg and "less than 1" in msg, msg
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    _apply_sets(tmp_path, ["train.lr=0.004"], "keel-sweep-ab12-t3")
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == 0.004
+
+
+def test_a_sweep_report_names_a_job_trial_and_its_overrides(tmp_path):
+    import json
+
+    from tasks.discipline.promote import PromoteError, _sweep_trial
+
+    report = {"study": "s", "objective": "best_val_accuracy", "direction": "maximize", "compared_on_validation": 2,
+              "trials_on": "keel-sweep-trial/keel-gpu-sweep-trial",
+              "trials": [{"number": 1, "state": "COMPLETE", "value": 0.9, "experiment": "s-ab-t1",
+                          "sets": ["train.lr=0.004"], "trials_on": "keel-sweep-trial/keel-gpu-sweep-trial"},
+                         {"number": 2, "state": "FAIL", "value": None, "experiment": "s-ab-t2", "sets": []}]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(report))
+    t = _sweep_trial(path, "s-ab-t1")
+    assert t["trials_on"] == "keel-sweep-trial/keel-gpu-sweep-trial" and t["sets"] == ["train.lr=0.004"]
+    assert t["compared"] == 2 and t["trial"] == 1
+    with pytest.raises(PromoteError, match="s-ab-t2 is not a complete trial of sweep 's'"):
+        _sweep_trial(path, "s-ab-t2")
+
+
+def test_a_job_trial_gets_the_study_storage_from_its_own_configuration_not_from_the_api(tmp_path, monkeypatch):
+    import json
+
+    from flows.sweep_trial import HOME_ENV, TRIAL_ENV, _trial_env, job_environment
+
+    secret = "postgresql+psycopg2://keel:s3cret@db:5432/optuna"
+    spec = {"storage": secret, "study": "s", "trial_id": 7, "intermediate": "val_accuracy", "startup_trials": 1,
+            "warmup_epochs": 1}
+    param = job_environment({"KEEL_RUN_TAGS": "{}"}, spec)
+    assert "s3cret" not in json.dumps(param) and json.loads(param[TRIAL_ENV])["trial_id"] == 7
+    ws = _code_tree(tmp_path / "ws")
+    monkeypatch.setenv("KEEL_SWEEP_STORAGE", secret)   # the pod's configuration (the cluster: keel-env + Secret)
+    env = _trial_env(ws, ws / ".dvc/tmp/keel-trials/t7", param)
+    assert json.loads(env[TRIAL_ENV]) == spec and env[HOME_ENV] == str(ws)
+    assert job_environment({}, None) == {} and TRIAL_ENV not in _trial_env(ws, ws, {})
