@@ -128,14 +128,15 @@ def _open_study(plan, head: str, fresh: bool, log):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if fresh:
-        with contextlib.suppress(KeyError):
-            optuna.delete_study(study_name=plan.study, storage=plan.storage)
-            log.info(f"study {plan.study}: deleted (--fresh)")
     sampler = (optuna.samplers.TPESampler(seed=plan.seed) if plan.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=plan.seed))
-    study = optuna.create_study(study_name=plan.study, storage=plan.storage, sampler=sampler,
-                                direction=plan.direction, load_if_exists=True)
+    with _storage_errors(plan.storage):
+        if fresh:
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=plan.study, storage=plan.storage)
+                log.info(f"study {plan.study}: deleted (--fresh)")
+        study = optuna.create_study(study_name=plan.study, storage=plan.storage, sampler=sampler,
+                                    direction=plan.direction, load_if_exists=True)
     attrs = study.user_attrs
     if not attrs.get("commit"):
         study.set_user_attr("commit", head)
@@ -150,6 +151,23 @@ def _open_study(plan, head: str, fresh: bool, log):
                         f"params.yaml now says {plan.objective} ({plan.direction}): start another study "
                         "(sweep.study, or --fresh)")
     return study
+
+
+@contextlib.contextmanager
+def _storage_errors(storage: str) -> Iterator[None]:
+    """A study storage that cannot be reached or logged into is a FlowError naming it (password masked) and what
+    to check, not a database driver's traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from tasks.core.secrets import redact, redact_uri
+
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise FlowError(f"sweep study storage {redact_uri(storage)}: {redact(cause[0] if cause else type(exc).__name__)}"
+                        f" (sweep.storage / KEEL_SWEEP_STORAGE; a Postgres password comes from PGPASSWORD, on the "
+                        "cluster the Secret keel-postgres)") from None
 
 
 def _recover(study, log) -> list:

@@ -28,9 +28,11 @@ def test_cluster_deployments_run_in_the_workspace():
     template = json.loads(TEMPLATE.read_text())
     from prefect.utilities.schema_tools import validate
 
-    for name in ("keel-gpu-nightly", "keel-gpu-multinode"):
+    entrypoints = {"keel-gpu-nightly": "flows/pipeline.py:pipeline", "keel-gpu-multinode": "flows/pipeline.py:pipeline",
+                   "keel-gpu-sweep": "flows/sweep.py:sweep", "keel-gpu-sweep-trial": "flows/sweep_trial.py:sweep_trial"}
+    for name, entrypoint in entrypoints.items():
         dep = deps[name]
-        assert dep["work_pool"]["name"] == "keel-gpu" and dep["entrypoint"] == "flows/pipeline.py:pipeline"
+        assert dep["work_pool"]["name"] == "keel-gpu" and dep["entrypoint"] == entrypoint
         assert dep["pull"] == [
             {"prefect.deployments.steps.run_shell_script": {
                 "id": "init-workspace", "script": f"python -m flows.workspace --source {IMAGE_ROOT} --workspace "
@@ -43,6 +45,10 @@ def test_cluster_deployments_run_in_the_workspace():
         _assert_workspace_mount(pod["spec"]["containers"][0], pod["spec"], name)
     assert deps["keel-gpu-nightly"]["parameters"]["nnodes"] == 1 and deps["keel-gpu-multinode"]["parameters"]["nnodes"] == 2
     assert "schedules" not in deps["keel-gpu-multinode"]   # on demand, with its join Job
+    # a sweep's trials: their own queue (the driver holds a slot of `default`, which allows one run at a time)
+    assert deps["keel-gpu-sweep-trial"]["work_pool"]["work_queue_name"] == "sweep-trials"
+    assert deps["keel-gpu-sweep"]["work_pool"]["work_queue_name"] == "default"
+    assert deps["keel-gpu-sweep"]["parameters"]["trials_on"] == "keel-sweep-trial/keel-gpu-sweep-trial"
 
 
 # the variables of prefect-kubernetes' default template (0.8.0, `KubernetesWorker.get_default_base_job_template()`)
@@ -110,8 +116,10 @@ def test_base_job_template_variables_accept_good_job_variables_and_refuse_bad_on
                                     {"gpu_count": 8, "node_selector": {"gpu": "h100"}, "env": {"A": "1"},
                                      "image_pull_secrets": [{"name": "regcred"}], "finished_job_ttl": 60},
                                     *(prefect_deployments()[n]["work_pool"]["job_variables"]
-                                      for n in ("keel-gpu-nightly", "keel-gpu-multinode"))],
-                         ids=["defaults", "cpu-only", "eight-gpus", "keel-gpu-nightly", "keel-gpu-multinode"])
+                                      for n in ("keel-gpu-nightly", "keel-gpu-multinode", "keel-gpu-sweep",
+                                                "keel-gpu-sweep-trial"))],
+                         ids=["defaults", "cpu-only", "eight-gpus", "keel-gpu-nightly", "keel-gpu-multinode",
+                              "keel-gpu-sweep", "keel-gpu-sweep-trial"])
 def test_rendered_flow_run_job_validates_against_kubernetes_schemas(values):
     rendered = _render_template(json.loads(TEMPLATE.read_text()), values)
     job = json.loads(json.dumps(rendered["job_manifest"]))
