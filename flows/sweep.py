@@ -55,7 +55,6 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
 
 from flows.dvc_run import dvc, error_detail, run_logged
 from flows.errors import FlowError
@@ -259,6 +258,7 @@ def run_trial(root: str, number: int, name: str, sets: list[str], env: dict[str,
               train_metrics: str, spec: dict[str, Any] | None) -> dict[str, Any]:
     """``dvc exp run --temp train -n NAME -S ...``: one trial trains and validates; its val metrics. A pruned
     trial ends Completed(name="Pruned")."""
+    from flows.sweep_trial import outcome
     from tasks.core.project import experiments_of_head
 
     log = get_run_logger()
@@ -273,19 +273,11 @@ def run_trial(root: str, number: int, name: str, sets: list[str], env: dict[str,
     if not found:
         raise TrialFailed(f"trial {number}: `dvc exp show` has no experiment {name} with validation metrics")
     result = {"number": number, "experiment": name, "rev": found[0]["rev"], "started": started, "ended": ended,
-              "seconds": round(ended - started, 1), "metrics": found[0], "pruned_at_epoch": None,
+              "seconds": round(ended - started, 1), "metrics": found[0],
               # DVC's run-cache had this training (same params and data, e.g. the retry of a trial interrupted after
               # its training finished): restored, not retrained, so no new MLflow run
               "restored": "Stage 'train' is cached - skipping run" in out + err}
-    if spec:
-        import optuna
-
-        attrs = optuna.storages.get_storage(spec["storage"]).get_trial(spec["trial_id"]).user_attrs
-        result["pruned_at_epoch"] = attrs.get("pruned_at_epoch")
-    if result["pruned_at_epoch"] is not None:
-        return Completed(name="Pruned", message=f"trial {number} pruned after epoch {result['pruned_at_epoch']} "
-                                                "on validation", data=result)
-    return result
+    return outcome(result, spec)
 
 
 def _drive(root: Path, study, plan, params, parent_run: str | None, log, trials_on: str | None = None,

@@ -143,6 +143,21 @@ def sweep_trial(name: str, overrides: list[str], code_rev_expected: str, env: di
 # the sweep's side: one task run per trial, waiting for the trial's flow run
 
 
+def outcome(result: dict[str, Any], spec: dict[str, Any] | None):
+    """A finished trial's task result: ``result`` with the epoch its pruning callback stopped it at (the study
+    records it), and then ``Completed(name="Pruned")`` carrying it, so the UI tells pruned from complete trials."""
+    result["pruned_at_epoch"] = None
+    if spec:
+        import optuna
+
+        attrs = optuna.storages.get_storage(spec["storage"]).get_trial(spec["trial_id"]).user_attrs
+        result["pruned_at_epoch"] = attrs.get("pruned_at_epoch")
+    if result["pruned_at_epoch"] is not None:
+        return Completed(name="Pruned", message=f"trial {result['number']} pruned after epoch "
+                                                f"{result['pruned_at_epoch']} on validation", data=result)
+    return result
+
+
 def job_environment(env: dict[str, str], spec: dict[str, Any] | None) -> dict[str, str]:
     """The trial's environment as a flow-run parameter (stored by the Prefect API, shown in its UI): the run tags
     and the pruning spec without the study's storage URL, which may hold a password; the trial's own configuration
@@ -180,17 +195,8 @@ def run_trial_job(root: str, number: int, name: str, sets: list[str], env: dict[
         raise TrialFailed(f"trial {number} ({name}): its flow run {fr.id} completed but left no readable result "
                           f"at {out} ({exc}); do the sweep and its trials share the project folder?") from None
     result = {"number": number, "experiment": name, "rev": None, "flow_run_id": str(fr.id),
-              **{k: res[k] for k in ("started", "ended", "seconds", "restored", "metrics")},
-              "pruned_at_epoch": None}
-    if spec:
-        import optuna
-
-        attrs = optuna.storages.get_storage(spec["storage"]).get_trial(spec["trial_id"]).user_attrs
-        result["pruned_at_epoch"] = attrs.get("pruned_at_epoch")
-    if result["pruned_at_epoch"] is not None:
-        return Completed(name="Pruned", message=f"trial {number} pruned after epoch {result['pruned_at_epoch']} "
-                                                "on validation", data=result)
-    return result
+              **{k: res[k] for k in ("started", "ended", "seconds", "restored", "metrics")}}
+    return outcome(result, spec)
 
 
 def check_target(name: str) -> None:

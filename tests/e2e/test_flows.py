@@ -373,6 +373,19 @@ def _process(cmd, cwd, env, log: Path):
         assert not alive, f"descendants of {cmd[:3]} left running: {alive}"
 
 
+@contextlib.contextmanager
+def prefect_server(tmp_path: Path, env: dict[str, str], port: int):
+    """``prefect server start`` on 127.0.0.1:``port`` (its own process group, stopped by PID), once healthy."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server_cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with _process(server_cmd, tmp_path, env, tmp_path / "server.log") as (server, _):
+        deadline = time.monotonic() + 90
+        while not http_ok(f"http://127.0.0.1:{port}/api/health"):
+            assert server.poll() is None and time.monotonic() < deadline, log_tail(tmp_path / "server.log")
+            time.sleep(0.3)
+        yield
+
+
 def _api(url: str, path: str, body: dict | None = None):
     req = urllib.request.Request(f"{url}{path}", data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
@@ -541,12 +554,7 @@ def test_deployment_runs_on_a_real_server_through_a_process_worker(tmp_path):
     env = _clean_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1",
                      PREFECT_WORKER_PREFETCH_SECONDS="5")
     prefect = str(Path(sys.executable).parent / "prefect")
-    server_cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with _process(server_cmd, tmp_path, env, tmp_path / "server.log") as (server, _):
-        deadline = time.monotonic() + 90
-        while not http_ok(f"{api}/health"):
-            assert server.poll() is None and time.monotonic() < deadline, log_tail(tmp_path / "server.log")
-            time.sleep(0.3)
+    with prefect_server(tmp_path, env, port):
         _run([prefect, "work-pool", "create", "keel-local", "--type", "process"], clone, env)
         # the cluster pool from the real base job template: the server validates the deployment's job variables
         _run([prefect, "work-pool", "create", "keel-gpu", "--type", "kubernetes", "--base-job-template",

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_flows import _api, _clean_env, _process, _run
+from tests.e2e.test_flows import _api, _clean_env, _process, _run, prefect_server
 from tests.e2e.test_pipeline import trained_baseline
 from tests.e2e.test_sweep import _ledger, _study
 from tests.support.mlflow_server import free_port
-from tests.support.procs import http_ok, log_tail
+from tests.support.procs import log_tail
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +69,7 @@ def test_sweep_trials_run_as_flow_runs_of_a_deployment_then_one_is_promoted(tmp_
     r = _keel_sweep(root, no_api, "--trials-on", DEPLOYMENT)
     assert r.returncode == 1 and "trials as jobs need a Prefect server" in r.stderr, r.stderr[-2000:]
 
-    server_cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with _process(server_cmd, tmp_path, env, tmp_path / "server.log") as (server, _):
-        deadline = time.monotonic() + 90
-        while not http_ok(f"{api}/health"):
-            assert server.poll() is None and time.monotonic() < deadline, log_tail(tmp_path / "server.log")
-            time.sleep(0.3)
+    with prefect_server(tmp_path, env, port):
         # a deployment that does not exist yet: refused before any trial, the study untouched
         r = _keel_sweep(root, env, "--trials-on", DEPLOYMENT)
         assert r.returncode == 1 and f"--trials-on {DEPLOYMENT}: no such deployment on {api}" in r.stderr, \
