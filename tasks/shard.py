@@ -48,6 +48,22 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
     return ids, out
 
 
+def _channel_counts(images: np.ndarray) -> np.ndarray:
+    """int64 [C, 256]: how many pixels of each channel of uint8 images [..., C] take each value.
+
+    The train statistics need nothing more (256 counts per channel, not a float copy of every pixel)."""
+    x = images.reshape(-1, images.shape[-1])
+    return np.stack([np.bincount(x[:, c], minlength=256) for c in range(x.shape[1])])
+
+
+def _mean_std(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation of the pixel values / 255 from ``_channel_counts``."""
+    v = np.arange(256) / 255.0
+    n = counts.sum(axis=1)
+    mean = counts @ v / n
+    return mean, np.sqrt(np.maximum(counts @ (v * v) / n - mean**2, 0.0))
+
+
 def image_type(cfg: ShardConfig) -> pa.DataType:
     return pa.binary(cfg.resolution * cfg.resolution * cfg.channels)
 
@@ -134,9 +150,7 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
                 blobs = rb.column("image").take(pa.array(keep)).to_pylist()
                 yield [ids[k] for k in keep], blobs
 
-    csum = np.zeros(cfg.channels, np.float64)
-    csq = np.zeros(cfg.channels, np.float64)
-    npx = 0
+    counts = np.zeros((cfg.channels, 256), np.int64)
     worker_cfg = {"resolution": cfg.resolution, "channels": cfg.channels, "resize": cfg.resize,
                   "background": list(cfg.alpha_background)}
     with io.atomic_dir(paths.shards_dir) as tmp, progress.progress(total=total, desc="shard", unit="item") as bar:
@@ -153,19 +167,15 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
                     sel = np.nonzero(m)[0]
                     writers[s].add([ids[k] for k in sel], labels[sel], images[sel])
                     if s == "train":
-                        x = images[sel].reshape(-1, cfg.channels).astype(np.float64) / 255.0
-                        csum += x.sum(0)
-                        csq += (x * x).sum(0)
-                        npx += x.shape[0]
+                        counts += _channel_counts(images[sel])
             bar.update(len(ids))
         if seen_in_raw != total:
             raise io.DataError(f"{paths.split_manifest}: {total - seen_in_raw} manifest id(s) are not in the raw items "
                                f"at {paths.raw_items}; the manifest and raw items are out of step: re-run split")
         files = {s: w.close() for s, w in writers.items()}
-        if npx == 0:
+        if not counts.any():
             raise io.DataError("shard: the train split is empty; nothing to fit normalisation statistics on")
-        mean = csum / npx
-        std = np.sqrt(np.maximum(csq / npx - mean**2, 0.0))
+        mean, std = _mean_std(counts)
         index = io.ShardIndex(classes=classes, resolution=cfg.resolution, channels=cfg.channels, mean=mean.round(6).tolist(),
                               std=std.round(6).tolist(), manifest_sha256=manifest_sha, splits=files,
                               resize=cfg.resize, background=list(cfg.alpha_background))

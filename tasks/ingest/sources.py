@@ -137,17 +137,19 @@ def _folder(root: Path) -> list[Candidate]:
             continue
         seen_dirs.add(real)
         dirnames[:] = sorted(n for n in dirnames if not _hidden(n))
-        rel_parts = d.relative_to(root).parts
-        split, label, label_dir = _layout(rel_parts, has_split_level)
+        rel_dir = d.relative_to(root)
+        split, label, label_dir = _layout(rel_dir.parts, has_split_level)
+        # per file, plain strings: str(d / name) and (d / name).relative_to(root).as_posix() without pathlib
+        # (a third of the listing's time at 60k files)
+        dir_str, rel_prefix = str(d), "".join(p + "/" for p in rel_dir.parts)
         for name in sorted(filenames):
-            f = d / name
-            rel = f.relative_to(root)
-            cand = Candidate(uri=rel.as_posix(), label=label, source_split=split, path=str(f),
-                             label_from=f"folder {label_dir}")
-            if f.is_symlink() and not _inside(f.resolve(), root_real):
-                cand.reject = ("path_escapes_root", f"symlink resolves to {f.resolve()}, outside {root_real}")
+            path = name if dir_str == "." else os.path.join(dir_str, name)
+            uri = rel_prefix + name
+            cand = Candidate(uri=uri, label=label, source_split=split, path=path, label_from=f"folder {label_dir}")
+            if os.path.islink(path) and not _inside(Path(path).resolve(), root_real):
+                cand.reject = ("path_escapes_root", f"symlink resolves to {Path(path).resolve()}, outside {root_real}")
             elif _hidden(name):
-                cand.reject = ("hidden_file", (f"{rel.as_posix()}: hidden file (name starts with '.'), never an "
+                cand.reject = ("hidden_file", (f"{uri}: hidden file (name starts with '.'), never an "
                                                "item; rename it without the dot if it is an image, or delete it"))
             elif label is None:
                 cand.reject = ("missing_label", "file is not inside a class folder (expected <class>/<file>"

@@ -128,3 +128,19 @@ def test_one_channel_shards(digits_pipeline, tmp_path):
     assert index["channels"] == 1 and len(index["mean"]) == 1 and r.rows["train"] > 0
     x, _, _ = io.ShardReader(q.shards_dir, "train").read_all()
     assert x.shape[1:] == (16, 16, 1)
+
+
+@pytest.mark.parametrize("kind", ["random", "one value", "black and white", "grey"])
+def test_mean_std_from_value_counts_is_the_pixel_mean_and_std(kind):
+    rng = np.random.default_rng(3)
+    x = {"random": rng.integers(0, 256, (300, 8, 8, 3)), "one value": np.full((5, 4, 4, 3), 77),
+         "black and white": rng.choice([0, 255], (50, 6, 6, 3)), "grey": rng.integers(0, 256, (40, 8, 8, 1))}[kind]
+    x = x.astype(np.uint8)
+    counts = shard._channel_counts(x[:100]) + shard._channel_counts(x[100:])  # summed over batches, as run() does
+    mean, std = shard._mean_std(counts)
+    # what run() summed before: every pixel / 255 in float64
+    f = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    ref_mean = f.sum(0) / len(f)
+    ref_std = np.sqrt(np.maximum((f * f).sum(0) / len(f) - ref_mean**2, 0.0))
+    assert np.allclose(mean, ref_mean, rtol=0, atol=1e-12) and np.allclose(std, ref_std, rtol=0, atol=1e-12)
+    assert mean.round(6).tolist() == ref_mean.round(6).tolist() and std.round(6).tolist() == ref_std.round(6).tolist()

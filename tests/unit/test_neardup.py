@@ -1,6 +1,8 @@
 """core.neardup on real thumbnails: the thumbnail, the descriptor, the aligned verification, the candidate search."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -141,6 +143,65 @@ def test_verify_respects_max_shift():
     a, b = crop(c), crop(c, 0, 3)
     assert verify1(a, b)[0]
     assert not verify1(a, b, neardup.Params(max_shift=1))[0]
+
+
+# ---------------------------------------------------------------- verification, one item's work done once
+@pytest.mark.parametrize(("n", "matrix"), [(32, neardup._gauss_matrix(32, 0.7)), (32, neardup._gauss_matrix(32, 3.0)),
+                                           (32, neardup._zoom_matrix(32, 32 / 30)), (16, neardup._zoom_matrix(16, 32 / 28)),
+                                           (28, neardup._box_matrix(28, 26)), (16, neardup._box_matrix(16, 12))])
+def test_separable_gives_an_image_the_same_bits_in_any_batch(n, matrix):
+    # the per-item caches rest on this: an image computed alone, first, or deep in a batch is the same number
+    x = np.random.default_rng(n).uniform(0, 255, (70, n, n)).astype(np.float32)
+    whole = neardup._separable(x, matrix)
+    assert all(np.array_equal(neardup._separable(x[k:k + 1], matrix)[0], whole[k]) for k in (0, 1, 33, 69))
+    assert np.array_equal(neardup._separable(x[5:38], matrix), whole[5:38])
+
+
+def _verification_set() -> tuple[np.ndarray, np.ndarray]:
+    """Thumbnails (originals, flipped/shifted/cropped/brighter copies, flat and identical frames) and pairs
+    [P, 3] (i, j, how) over them: every item in several pairs, every ``how``, copies and unrelated pairs."""
+    rng = np.random.default_rng(11)
+    base = [crop(canvas(500 + s)) for s in range(12)]
+    copies = [base[0][:, ::-1], crop(canvas(501), 1, 2), resized(base[2][2:-2, 2:-2]), _brightness(base[3], 1.1),
+              np.roll(base[4], 1, axis=0)[:, ::-1], base[5].copy()]
+    flat = [np.full((32, 32), 90, np.uint8), np.full((32, 32), 90, np.uint8)]
+    th = np.stack(base + copies + flat)
+    planted = [(0, 12, 2), (1, 13, 1), (2, 14, 3), (3, 15, 1), (4, 16, 2), (5, 17, 3), (18, 19, 3)]
+    i = rng.integers(0, len(th), 150)
+    j = (i + rng.integers(1, len(th), 150)) % len(th)
+    rand = np.stack([np.minimum(i, j), np.maximum(i, j), rng.integers(1, 4, 150)], axis=1)
+    return th, np.concatenate([np.array(planted), rand]).astype(np.int64)
+
+
+def test_verify_pairs_gives_every_pair_what_verify_gives_it_alone(monkeypatch):
+    th, pairs = _verification_set()
+    alone = [neardup.verify(th[i][None], th[j][None], P, np.array([h])) for i, j, h in pairs]
+    monkeypatch.setattr(neardup, "_CHUNK", 7)       # pairs and items split across many small batches
+    monkeypatch.setattr(neardup, "_ITEM_BATCH", 5)
+    with ThreadPoolExecutor(2) as pool:
+        ncc, detail, names = neardup._verify_pairs(th, pairs, P, pool.map)
+    assert np.array_equal(ncc, np.concatenate([a[1] for a in alone]))           # bit for bit
+    assert np.array_equal(detail, np.concatenate([a[2] for a in alone]))
+    assert names == [a[3][0] for a in alone]
+    passed = {tuple(p[:2]) for p, n, d in zip(pairs.tolist(), ncc, detail) if n >= P.min_ncc and d >= P.min_detail}
+    assert {(0, 12), (1, 13), (2, 14), (3, 15), (4, 16), (5, 17)} <= passed  # the planted copies, found
+    assert (18, 19) not in passed and (ncc[6] == -1 or ncc[6] == 0)         # flat frames: nothing to align
+
+
+def test_verify_pairs_of_no_pairs():
+    ncc, detail, names = neardup._verify_pairs(np.zeros((3, 32, 32), np.uint8), np.zeros((0, 3), np.int64), P)
+    assert ncc.shape == detail.shape == (0,) and names == []
+
+
+def test_near_duplicates_is_the_same_in_blocks_of_pairs(monkeypatch):
+    th, _ = _verification_set()
+    th = np.concatenate([th, np.stack([crop(canvas(700 + s)) for s in range(30)])])
+    whole = neardup.near_duplicates(th, P, threads=2)
+    monkeypatch.setattr(neardup, "_CACHE_ITEMS", 8)  # the candidates verified four pairs at a time
+    blocks = neardup.near_duplicates(th, P, threads=2)
+    assert whole.pairs.tolist() == blocks.pairs.tolist() and len(whole.pairs) >= 5
+    assert np.array_equal(whole.ncc, blocks.ncc) and np.array_equal(whole.detail, blocks.detail)
+    assert whole.transform == blocks.transform
 
 
 # ---------------------------------------------------------------- candidates
