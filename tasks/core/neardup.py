@@ -19,6 +19,7 @@ each measured on CIFAR-10 (bench/leakage.py, bench/RESULTS.md):
    (shape and light) and ``min_detail`` on a band-pass (difference of Gaussians) image, which removes the smooth
    gradients that make two different photos of sky or road correlate.  What depends on one image only (its
    blur, 16x16 views, window variances, unit windows) is computed once per item, not once per pair it is in.
+   That step, and the separable filters both steps use, are ``tasks.core.align``.
 
 Flat thumbnails (standard deviation under ``FLAT_STD`` grey levels: blank frames) carry no shape to compare; they
 are not linked here (exact pixel hashes still join identical ones) and are counted in the stats.
@@ -29,23 +30,17 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import NamedTuple
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from tasks.core import progress
+from tasks.core import align, progress
+from tasks.core.align import verify  # noqa: F401 - the verification step, also used on its own (tests, bench)
 
-THUMB = 32              # thumbnail side (pixels)
+THUMB = align.SIDE      # thumbnail side (pixels)
 EXACT_SEARCH_MAX = 20_000
 INDEX_DIMS = 32         # principal directions the HNSW graph is built on (above EXACT_SEARCH_MAX items)
 FLAT_STD = 2.0
-_CHUNK = 1024           # pairs verified per numpy batch (bounded memory: a few MB per array)
-_ITEM_BATCH = 1024      # thumbnails per batch of per-item work
-_CACHE_ITEMS = 100_000  # items whose coarse-pass quantities (4.5 KB each: 450 MB) are held at once
-_SCALES = (32 / 30, 32 / 28)
 
 
 @dataclass(frozen=True)
@@ -84,61 +79,12 @@ def thumbs_array(column: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(column), dtype=np.uint8).reshape(-1, THUMB, THUMB)
 
 
-@lru_cache(maxsize=32)
-def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
-    """[n, n] matrix G with G @ x = a 1-D Gaussian blur of x (edges repeated, as scipy's mode='nearest')."""
-    from scipy.ndimage import gaussian_filter1d
-
-    return gaussian_filter1d(np.eye(n), sigma, axis=0, mode="nearest").astype(np.float32)
-
-
-@lru_cache(maxsize=32)
-def _zoom_matrix(n: int, s: float) -> np.ndarray:
-    """[n, n] matrix Z with Z @ x = x zoomed by s about its centre (linear interpolation, edges repeated)."""
-    c = (n - 1) / 2
-    src = np.clip(c + (np.arange(n) - c) / s, 0, n - 1)
-    lo = np.floor(src).astype(int)
-    hi = np.minimum(lo + 1, n - 1)
-    w = (src - lo).astype(np.float32)
-    z = np.zeros((n, n), np.float32)
-    z[np.arange(n), lo] += 1 - w
-    z[np.arange(n), hi] += w
-    return z
-
-
-@lru_cache(maxsize=32)
-def _box_matrix(n: int, m: int) -> np.ndarray:
-    """[n - m + 1, n] matrix of ones on m consecutive columns: L @ x @ L.T = every m x m window's sum."""
-    k = np.arange(n - m + 1)[:, None]
-    i = np.arange(n)[None, :]
-    return ((i >= k) & (i < k + m)).astype(np.float32)
-
-
-def _separable(x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """m @ x @ m.T for every image of x [P, n, n] (two batched matrix products).
-
-    A lone image is computed as one of two: OpenBLAS takes another kernel for a one-image product (at 32x32),
-    which rounds differently, and an image's result must not depend on how many others share its batch.
-    """
-    if len(x) == 1:
-        return _separable(np.concatenate([x, x]), m)[:1]
-    p, n, _ = x.shape
-    k = m.shape[0]
-    r = (np.ascontiguousarray(x).reshape(p * n, n) @ m.T).reshape(p, n, k)  # one GEMM, not P small ones
-    out = (np.ascontiguousarray(r.transpose(0, 2, 1)).reshape(p * k, n) @ m.T).reshape(p, k, k)
-    return out.transpose(0, 2, 1)
-
-
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    return _separable(x.astype(np.float32, copy=False), _gauss_matrix(x.shape[1], float(sigma)))
-
-
 def descriptors(thumbs: np.ndarray, batch: int = 8192) -> np.ndarray:
     """float32 [N, 64]: blurred 8x8 cell means, zero mean, unit length (zeros for flat thumbnails)."""
     n = len(thumbs)
     out = np.zeros((n, 64), np.float32)
     for s in range(0, n, batch):
-        b = _blur(thumbs[s:s + batch].astype(np.float32), 1.0)
+        b = align.blur(thumbs[s:s + batch].astype(np.float32), 1.0)
         d = b.reshape(len(b), 8, 4, 8, 4).mean(axis=(2, 4)).reshape(len(b), 64)
         d -= d.mean(axis=1, keepdims=True)
         norm = np.linalg.norm(d, axis=1, keepdims=True)
@@ -227,312 +173,12 @@ def candidates(desc: np.ndarray, neighbours: int, min_similarity: float, log=Non
     return pairs, stats
 
 
-def _zoom(x: np.ndarray, s: float) -> np.ndarray:
-    """Zoom [P, n, n] by s about the centre (an s > 1 zoom is a centred crop resized back)."""
-    return _separable(x, _zoom_matrix(x.shape[1], float(s)))
-
-
-def _halve(x: np.ndarray) -> np.ndarray:
-    """[P, n, n] -> [P, n/2, n/2]: the mean of every 2x2 block."""
-    p, n, _ = x.shape
-    return x.reshape(p, n // 2, 2, n // 2, 2).mean(axis=(2, 4))
-
-
-def _window_var(A: np.ndarray, m: int) -> np.ndarray:
-    """Centred sum of squares of every m x m window of A [P, n, n]: [P, n-m+1, n-m+1]."""
-    box = _box_matrix(A.shape[1], m)
-    A = A - A.mean(axis=(1, 2), keepdims=True)  # float32 sums stay exact enough once centred
-    s1 = _separable(A, box)
-    return np.maximum(_separable(A * A, box) - s1 * s1 / (m * m), 0.0)
-
-
-def _unit_centre(B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """B's central window (r pixels in from every side) at zero mean and unit length, and its length before."""
-    n = B.shape[1]
-    b = B[:, r:n - r, r:n - r].astype(np.float32)
-    b = b - b.mean(axis=(1, 2), keepdims=True)
-    bn = np.sqrt(np.einsum("pij,pij->p", b, b))
-    return b / np.maximum(bn, 1e-6)[:, None, None], bn
-
-
-def _ncc(A: np.ndarray, var: np.ndarray, b: np.ndarray, bn: np.ndarray, r: int) -> np.ndarray:
-    """NCC of the unit window b against A's window at every shift up to r: [P, 2r+1, 2r+1].
-
-    ``var`` is ``_window_var(A)``, ``(b, bn)`` is ``_unit_centre(B)``: both depend on one image only, so a caller
-    that meets an image in many pairs computes them once.
-    """
-    m = b.shape[1]
-    out = np.empty((len(A), 2 * r + 1, 2 * r + 1), np.float32)
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            # b is zero-mean, so the window's mean drops out of the numerator
-            out[:, dy, dx] = np.einsum("pij,pij->p", A[:, dy:dy + m, dx:dx + m], b)
-    den = np.sqrt(var)
-    out = np.where(den > 1e-6, out / np.maximum(den, 1e-6), 0.0)
-    out[bn <= 1e-6] = 0.0
-    return out
-
-
-def _ncc_shifts(A: np.ndarray, B: np.ndarray, r: int) -> np.ndarray:
-    """NCC of B's central window against A's window at every shift up to r: [P, 2r+1, 2r+1]."""
-    return _ncc(A, _window_var(A, A.shape[1] - 2 * r), *_unit_centre(B, r), r)
-
-
-def _best(scores: list[np.ndarray], r: int):
-    """Max NCC over views and shifts (``scores``: one [P, 2r+1, 2r+1] per view): score [P], view [P], shift [P, 2]."""
-    flat = np.stack([s.reshape(len(s), -1) for s in scores], axis=1).reshape(len(scores[0]), -1)  # [P, V * S]
-    arg = flat.argmax(axis=1)
-    view, sh = np.divmod(arg, (2 * r + 1) ** 2)
-    dy, dx = np.divmod(sh, 2 * r + 1)
-    return flat[np.arange(len(flat)), arg], view, np.stack([dy - r, dx - r], axis=1)
-
-
-class _CoarseItems(NamedTuple):
-    """What the coarse pass needs of each item, computed once per item rather than once per pair it is in.
-
-    The item's 16x16 image (the 0.7 px blur, halved), plain and zoomed by ``_SCALES[-1]``: as the first image
-    of a pair, the images and their window variances; as the second, as it is and mirrored, the unit central
-    windows of both and their lengths.
-    """
-    img: np.ndarray    # float32 [N, 2, 16, 16]: [plain, zoomed]
-    var: np.ndarray    # float32 [N, 2, S, S]
-    unit: np.ndarray   # float32 [N, 2, 2, m, m]: [as it is, mirrored][plain, zoomed]
-    norm: np.ndarray   # float32 [N, 2, 2]
-
-
-def _empty_coarse_items(n: int, r: int) -> _CoarseItems:
-    """Room for the ``_CoarseItems`` of n items (filled batch by batch: no second copy of a list of parts)."""
-    side = THUMB // 2
-    s, m = 2 * r + 1, side - 2 * r
-    return _CoarseItems(np.empty((n, 2, side, side), np.float32), np.empty((n, 2, s, s), np.float32),
-                        np.empty((n, 2, 2, m, m), np.float32), np.empty((n, 2, 2), np.float32))
-
-
-def _coarse_items(blurred: np.ndarray, r: int) -> _CoarseItems:
-    """``_CoarseItems`` of the blurred 32x32 thumbnails [N, 32, 32], for shifts up to r."""
-    half = _halve(blurred)
-    n, side, _ = half.shape
-    mirror = np.ascontiguousarray(half[:, :, ::-1])
-    zoomed, zoomed_mirror = _zoom(half, _SCALES[-1]), _zoom(mirror, _SCALES[-1])
-    unit, norm = zip(*(_unit_centre(x, r) for x in (half, zoomed, mirror, zoomed_mirror)))
-    m = side - 2 * r
-    return _CoarseItems(np.stack([half, zoomed], axis=1),
-                        np.stack([_window_var(half, m), _window_var(zoomed, m)], axis=1),
-                        np.stack(unit, axis=1).reshape(n, 2, 2, m, m), np.stack(norm, axis=1).reshape(n, 2, 2))
-
-
-class _Alignment(NamedTuple):
-    """The coarse pass's best alignment of each pair."""
-    score: np.ndarray  # float32 [P]; -2 before any view is scored
-    view: np.ndarray   # int64 [P]: 0 as it is, 1 b zoomed, 2 a zoomed
-    shift: np.ndarray  # int64 [P, 2]: (dy, dx) at 16x16
-    flip: np.ndarray   # bool [P]: b mirrored
-
-
-def _coarse(items: _CoarseItems, ia: np.ndarray, ib: np.ndarray, how: np.ndarray, r: int) -> _Alignment:
-    """The best 16x16 alignment of pairs (items[ia], items[ib]) over the flips ``how`` allows (1 as it is,
-    2 mirrored, 3 both), no zoom or ``_SCALES[-1]`` on either side, and shifts up to r."""
-    p = len(ia)
-    out = _Alignment(np.full(p, -2.0, np.float32), np.zeros(p, np.int64), np.zeros((p, 2), np.int64),
-                     np.zeros(p, bool))
-    for mirror in (0, 1):
-        sel = np.flatnonzero(how & (1 << mirror))
-        if not sel.size:
-            continue
-        a, b = ia[sel], ib[sel]
-        plain, zoomed, var_plain, var_zoomed = items.img[a, 0], items.img[a, 1], items.var[a, 0], items.var[a, 1]
-        # the views in the order of their index: (a, b), (a, b zoomed), (a zoomed, b)
-        views = [(plain, var_plain, 0), (plain, var_plain, 1), (zoomed, var_zoomed, 0)]
-        score, view, sh = _best([_ncc(A, var, items.unit[b, mirror, z], items.norm[b, mirror, z], r)
-                                 for A, var, z in views], r)
-        up = score > out.score[sel]
-        idx = sel[up]
-        out.score[idx], out.view[idx], out.shift[idx], out.flip[idx] = score[up], view[up], sh[up], bool(mirror)
-    return out
-
-
-def _gather_windows(X: np.ndarray, oy: np.ndarray, ox: np.ndarray, size: int) -> np.ndarray:
-    """X[p, oy[p]:oy[p]+size, ox[p]:ox[p]+size] for every p (one gather of whole rows from a strided view)."""
-    return sliding_window_view(X, (size, size), axis=(1, 2))[np.arange(len(X)), oy, ox]
-
-
-_ZOOMS = [(1.0, 1.0), *((1.0, s) for s in _SCALES), *((s, 1.0) for s in _SCALES)]  # the fine pass's (a, b) views
-
-
-def _view_scores(fa: np.ndarray, fb: np.ndarray, v: int, oy: np.ndarray, ox: np.ndarray, r: int,
-                 detail: bool = False) -> np.ndarray:
-    """NCC [P, 9] of fine view v of pairs (fa, fb) [P, 32, 32] at the 3x3 shifts around (oy, ox); ``detail``:
-    on the band-pass (difference of Gaussians, sigma 0.7 minus 3) images."""
-    za, zb = _ZOOMS[v]
-    A = fa if za == 1.0 else _zoom(fa, za)
-    B = fb if zb == 1.0 else _zoom(fb, zb)
-    if detail:
-        A, B = A - _blur(A, 3.0), B - _blur(B, 3.0)
-    m = fa.shape[1] - 2 * r
-    wa = _gather_windows(A, oy, ox, m + 2)
-    wb = B[:, r - 1:r + m + 1, r - 1:r + m + 1]
-    return _ncc_shifts(wa, wb, 1).reshape(len(fa), 9)
-
-
-def _name(flip: bool, dy: int, dx: int, v: int) -> str:
-    """The alignment in words, e.g. "flip, shift (1, 0) px, zoom b x1.14"; "aligned" when it is none of them."""
-    parts = ["flip"] if flip else []
-    if dy or dx:
-        parts.append(f"shift ({dx}, {dy}) px")
-    za, zb = _ZOOMS[v]
-    if za > 1 or zb > 1:
-        parts.append(f"zoom {'a' if za > 1 else 'b'} x{max(za, zb):.2f}")
-    return ", ".join(parts) or "aligned"
-
-
-def _fine(a: np.ndarray, b: np.ndarray, coarse: _Alignment, params: Params
-          ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(ncc, detail, transform) at 32x32 of pairs (a, b) [P, 32, 32] (0.7 px blurred) that passed the coarse pass.
-
-    The flip the coarse pass chose, each zoom step on the side it chose (all of them when it chose none), shifts
-    within one pixel of twice its shift; then, only where that NCC passes ``min_ncc`` (elsewhere the pair fails
-    whatever its detail: -1 and ""), the band-pass NCC at the best of those and the alignment's name.
-    """
-    p, r = len(a), params.max_shift
-    fb = np.where(coarse.flip[:, None, None], b[:, :, ::-1], b)
-    side = coarse.view  # zoom side from the coarse view: 0 none, 1 b zoomed, 2 a zoomed
-    # window of A around twice the coarse shift (one pixel of slack each way), B's central window
-    oy = np.clip(r + 2 * coarse.shift[:, 0], 1, 2 * r - 1) - 1
-    ox = np.clip(r + 2 * coarse.shift[:, 1], 1, 2 * r - 1) - 1
-    best = np.full(p, -2.0, np.float32)
-    bview = np.zeros(p, np.int64)
-    bshift = np.zeros((p, 2), np.int64)
-    for v, (za, zb) in enumerate(_ZOOMS):
-        sel = np.flatnonzero((side == 0) | ((side == 1) & (zb > 1)) | ((side == 2) & (za > 1))) if v else \
-            np.arange(p)
-        if not sel.size:
-            continue
-        sc = _view_scores(a[sel], fb[sel], v, oy[sel], ox[sel], r)
-        arg = sc.argmax(axis=1)
-        top = sc[np.arange(len(sel)), arg]
-        up = top > best[sel]
-        idx = sel[up]
-        best[idx], bview[idx] = top[up], v
-        bshift[idx] = np.stack([oy[idx] + arg[up] // 3 - r, ox[idx] + arg[up] % 3 - r], axis=1)
-    detail = np.full(p, -1.0, np.float32)
-    names = [""] * p
-    shaped = best >= params.min_ncc
-    for v in np.unique(bview[shaped]):
-        sel = np.flatnonzero(shaped & (bview == v))
-        detail[sel] = _view_scores(a[sel], fb[sel], int(v), oy[sel], ox[sel], r, detail=True).max(axis=1)
-    for k in np.flatnonzero(shaped):
-        names[k] = _name(bool(coarse.flip[k]), int(bshift[k, 0]), int(bshift[k, 1]), int(bview[k]))
-    return best, detail, names
-
-
-def _take(x: NamedTuple, idx: np.ndarray):
-    """The rows idx of every array of a NamedTuple of arrays."""
-    return type(x)(*(f[idx] for f in x))
-
-
-def _cat(parts: list):
-    """NamedTuples of arrays joined row-wise, field by field."""
-    return type(parts[0])(*(np.concatenate(f) for f in zip(*parts)))
-
-
-def _coarse_shift(params: Params) -> int:
-    """The coarse pass's shift range at 16x16: half of ``max_shift``, at least one pixel."""
-    return max(1, (params.max_shift + 1) // 2)
-
-
-def verify(ta: np.ndarray, tb: np.ndarray, params: Params, how: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Scores for thumbnail pairs [P, 32, 32]: (passed, ncc, detail, transform names).
-
-    Coarse to fine: at 16x16 every flip the candidate lookup suggests (``how``: 1 as it is, 2 mirrored, 3 both),
-    no zoom or 1.14x on either side, shifts up to half of ``max_shift``; then at 32x32 the best of those, within
-    one pixel of twice the coarse shift and each zoom step on the side the coarse pass chose.  ncc is -1 where
-    the coarse pass drops a pair; detail -1 and the name "" where ncc fails (the pair fails either way).
-    """
-    p = len(ta)
-    how = np.full(p, 3, np.int64) if how is None else how
-    ncc, detail, names = _verify_pairs(np.concatenate([ta, tb]), np.stack([np.arange(p), np.arange(p, 2 * p), how],
-                                                                          axis=1), params)
-    return (ncc >= params.min_ncc) & (detail >= params.min_detail), ncc, detail, names
-
-
 def _flat(thumbs: np.ndarray, batch: int = 8192) -> np.ndarray:
     """Thumbnails with standard deviation under FLAT_STD, in batches (a float copy of 600k thumbnails is 5 GB)."""
     out = np.zeros(len(thumbs), bool)
     for s in range(0, len(thumbs), batch):
         out[s:s + batch] = thumbs[s:s + batch].reshape(-1, THUMB * THUMB).astype(np.float32).std(axis=1) < FLAT_STD
     return out
-
-
-def _slices(n: int, size: int) -> list[slice]:
-    return [slice(s, s + size) for s in range(0, n, size)]
-
-
-def _blocks(cand: np.ndarray) -> list[slice]:
-    """Runs of candidate pairs that touch at most ``_CACHE_ITEMS`` items each (one run when all of them fit)."""
-    if len(np.unique(cand[:, :2])) <= _CACHE_ITEMS:  # also the one (empty) run of no pairs
-        return [slice(0, len(cand))]
-    return _slices(len(cand), _CACHE_ITEMS // 2)
-
-
-def _coarse_block(thumbs: np.ndarray, items: np.ndarray, ia: np.ndarray, ib: np.ndarray, how: np.ndarray, r: int,
-                  mapper, done) -> _Alignment:
-    """The coarse pass over pairs (items[ia], items[ib]) of ``thumbs``, each item's quantities computed once."""
-    per_item = _empty_coarse_items(len(items), r)
-
-    def fill(s: slice) -> None:
-        for whole, part in zip(per_item, _coarse_items(_blur(thumbs[items[s]], 0.7), r)):
-            whole[s] = part
-
-    list(mapper(fill, _slices(len(items), _ITEM_BATCH)))
-    parts = []
-    for part in mapper(lambda s: _coarse(per_item, ia[s], ib[s], how[s], r), _slices(len(ia), _CHUNK)):
-        parts.append(part)
-        done(len(part.score))
-    return _cat(parts)
-
-
-def _fine_block(thumbs: np.ndarray, items: np.ndarray, ia: np.ndarray, ib: np.ndarray, align: _Alignment,
-                params: Params, mapper) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The fine pass over pairs (items[ia], items[ib]) of ``thumbs`` with their coarse alignment, each item
-    blurred once."""
-    kept, inv = np.unique(np.concatenate([ia, ib]), return_inverse=True)
-    ka, kb = inv.reshape(2, -1)
-    blurred = np.empty((len(kept), THUMB, THUMB), np.float32)
-
-    def fill(s: slice) -> None:
-        blurred[s] = _blur(thumbs[items[kept[s]]], 0.7)
-
-    list(mapper(fill, _slices(len(kept), _ITEM_BATCH)))
-    parts = list(mapper(lambda s: _fine(blurred[ka[s]], blurred[kb[s]], _take(align, s), params),
-                        _slices(len(ia), _CHUNK)))
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-            [name for p in parts for name in p[2]])
-
-
-def _verify_pairs(thumbs: np.ndarray, cand: np.ndarray, params: Params, mapper=map, done=lambda n: None
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(ncc, detail, transform) of candidate pairs [P, 3] (i, j, how) of ``thumbs``, as ``verify`` defines them.
-
-    The work that depends on one image (blur, 16x16 views, window variances, unit windows) is done once per
-    item rather than once per pair it is in; the same operations on the same values, so the same numbers.
-    ``mapper``: a map over chunks (a thread pool's), ``done(k)``: k more pairs through the coarse pass.
-    """
-    ncc = np.full(len(cand), -1.0, np.float32)
-    detail = np.full(len(cand), -1.0, np.float32)
-    names = [""] * len(cand)
-    if not len(cand):
-        return ncc, detail, names
-    items, inv = np.unique(cand[:, :2], return_inverse=True)
-    ia, ib = inv.reshape(-1, 2).T
-    align = _coarse_block(thumbs, items, ia, ib, cand[:, 2], _coarse_shift(params), mapper, done)
-    keep = np.flatnonzero(align.score >= params.min_coarse)
-    if keep.size:
-        ncc[keep], detail[keep], fine_names = _fine_block(thumbs, items, ia[keep], ib[keep], _take(align, keep),
-                                                          params, mapper)
-        for k, name in zip(keep, fine_names):
-            names[k] = name
-    return ncc, detail, names
 
 
 def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None, threads: int | None = None) -> Found:
@@ -555,7 +201,7 @@ def near_duplicates(thumbs: np.ndarray, params: Params = Params(), log=None, thr
     workers = max(1, min(threads or os.cpu_count() or 1, 8))
     with threadpool_limits(limits=1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool, \
             progress.progress(total=len(cand), desc="near duplicates: verify", unit="pair") as bar:
-        parts = [_verify_pairs(thumbs, cand[b], params, pool.map, bar.update) for b in _blocks(cand)]
+        parts = [align.verify_pairs(thumbs, cand[b], params, pool.map, bar.update) for b in align.blocks(cand)]
     ncc = np.concatenate([p[0] for p in parts])
     det = np.concatenate([p[1] for p in parts])
     names = [name for p in parts for name in p[2]]

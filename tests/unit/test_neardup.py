@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tasks.core import io, neardup
+from tasks.core import align, io, neardup
 from tasks.core.errors import DataError
 from tests.support.pictures import canvas, crop
 
@@ -146,15 +146,15 @@ def test_verify_respects_max_shift():
 
 
 # ---------------------------------------------------------------- verification, one item's work done once
-@pytest.mark.parametrize(("n", "matrix"), [(32, neardup._gauss_matrix(32, 0.7)), (32, neardup._gauss_matrix(32, 3.0)),
-                                           (32, neardup._zoom_matrix(32, 32 / 30)), (16, neardup._zoom_matrix(16, 32 / 28)),
-                                           (28, neardup._box_matrix(28, 26)), (16, neardup._box_matrix(16, 12))])
+@pytest.mark.parametrize(("n", "matrix"), [(32, align._gauss_matrix(32, 0.7)), (32, align._gauss_matrix(32, 3.0)),
+                                           (32, align._zoom_matrix(32, 32 / 30)), (16, align._zoom_matrix(16, 32 / 28)),
+                                           (28, align.box_matrix(28, 26)), (16, align.box_matrix(16, 12))])
 def test_separable_gives_an_image_the_same_bits_in_any_batch(n, matrix):
     # the per-item caches rest on this: an image computed alone, first, or deep in a batch is the same number
     x = np.random.default_rng(n).uniform(0, 255, (70, n, n)).astype(np.float32)
-    whole = neardup._separable(x, matrix)
-    assert all(np.array_equal(neardup._separable(x[k:k + 1], matrix)[0], whole[k]) for k in (0, 1, 33, 69))
-    assert np.array_equal(neardup._separable(x[5:38], matrix), whole[5:38])
+    whole = align._separable(x, matrix)
+    assert all(np.array_equal(align._separable(x[k:k + 1], matrix)[0], whole[k]) for k in (0, 1, 33, 69))
+    assert np.array_equal(align._separable(x[5:38], matrix), whole[5:38])
 
 
 def _verification_set() -> tuple[np.ndarray, np.ndarray]:
@@ -176,10 +176,10 @@ def _verification_set() -> tuple[np.ndarray, np.ndarray]:
 def test_verify_pairs_gives_every_pair_what_verify_gives_it_alone(monkeypatch):
     th, pairs = _verification_set()
     alone = [neardup.verify(th[i][None], th[j][None], P, np.array([h])) for i, j, h in pairs]
-    monkeypatch.setattr(neardup, "_CHUNK", 7)       # pairs and items split across many small batches
-    monkeypatch.setattr(neardup, "_ITEM_BATCH", 5)
+    monkeypatch.setattr(align, "_CHUNK", 7)       # pairs and items split across many small batches
+    monkeypatch.setattr(align, "_ITEM_BATCH", 5)
     with ThreadPoolExecutor(2) as pool:
-        ncc, detail, names = neardup._verify_pairs(th, pairs, P, pool.map)
+        ncc, detail, names = align.verify_pairs(th, pairs, P, pool.map)
     assert np.array_equal(ncc, np.concatenate([a[1] for a in alone]))           # bit for bit
     assert np.array_equal(detail, np.concatenate([a[2] for a in alone]))
     assert names == [a[3][0] for a in alone]
@@ -189,7 +189,7 @@ def test_verify_pairs_gives_every_pair_what_verify_gives_it_alone(monkeypatch):
 
 
 def test_verify_pairs_of_no_pairs():
-    ncc, detail, names = neardup._verify_pairs(np.zeros((3, 32, 32), np.uint8), np.zeros((0, 3), np.int64), P)
+    ncc, detail, names = align.verify_pairs(np.zeros((3, 32, 32), np.uint8), np.zeros((0, 3), np.int64), P)
     assert ncc.shape == detail.shape == (0,) and names == []
 
 
@@ -197,7 +197,7 @@ def test_near_duplicates_is_the_same_in_blocks_of_pairs(monkeypatch):
     th, _ = _verification_set()
     th = np.concatenate([th, np.stack([crop(canvas(700 + s)) for s in range(30)])])
     whole = neardup.near_duplicates(th, P, threads=2)
-    monkeypatch.setattr(neardup, "_CACHE_ITEMS", 8)  # the candidates verified four pairs at a time
+    monkeypatch.setattr(align, "_CACHE_ITEMS", 8)  # the candidates verified four pairs at a time
     blocks = neardup.near_duplicates(th, P, threads=2)
     assert whole.pairs.tolist() == blocks.pairs.tolist() and len(whole.pairs) >= 5
     assert np.array_equal(whole.ncc, blocks.ncc) and np.array_equal(whole.detail, blocks.detail)
