@@ -80,6 +80,18 @@ def code_rev(root: Path) -> str:
     return f"tree-{h.hexdigest()[:16]}"
 
 
+def _cache_dir(root: Path) -> Path:
+    """The project's DVC cache (``dvc cache dir``: .dvc/cache unless its config names another), which the trial's
+    copy shares."""
+    import subprocess
+
+    r = subprocess.run(dvc("cache", "dir"), cwd=root, env=subprocess_env(root), capture_output=True, text=True,
+                       check=False)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise FlowError(f"{root}: `dvc cache dir` failed ({r.returncode}): {r.stderr.strip()[-400:]}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
 def result_path(root: Path, name: str) -> Path:
     return root / RESULTS / f"{name}.json"
 
@@ -120,7 +132,7 @@ def sweep_trial(name: str, overrides: list[str], code_rev_expected: str, env: di
     shutil.rmtree(copy, ignore_errors=True)  # a copy left by a killed job of this trial
     started = time.time()
     try:
-        for line in trial_copy(root, copy, root / ".dvc" / "cache"):
+        for line in trial_copy(root, copy, _cache_dir(root)):
             log.debug(line)
         applied = apply_overrides(copy, overrides)
         log.info(f"trial {name}: {applied}")
