@@ -127,15 +127,14 @@ def _open_study(plan, head: str, fresh: bool, log):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.TPESampler(seed=plan.seed) if plan.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=plan.seed))
     with _storage_errors(plan.storage):
         if fresh:
             with contextlib.suppress(KeyError):
                 optuna.delete_study(study_name=plan.study, storage=plan.storage)
                 log.info(f"study {plan.study}: deleted (--fresh)")
-        study = optuna.create_study(study_name=plan.study, storage=plan.storage, sampler=sampler,
-                                    direction=plan.direction, load_if_exists=True)
+        study = optuna.create_study(study_name=plan.study, storage=plan.storage, direction=plan.direction,
+                                    load_if_exists=True)
+        study.sampler = _sampler(plan, len(study.get_trials(deepcopy=False)))
     attrs = study.user_attrs
     if not attrs.get("commit"):
         study.set_user_attr("commit", head)
@@ -150,6 +149,18 @@ def _open_study(plan, head: str, fresh: bool, log):
                         f"params.yaml now says {plan.objective} ({plan.direction}): start another study "
                         "(sweep.study, or --fresh)")
     return study
+
+
+def _sampler(plan, done: int):
+    """The sampler of a sweep that finds ``done`` trials in its study. Seeded with ``sweep.seed`` and ``done``: a
+    fresh study draws the same trials for the same seed, and a resumed one goes on with new draws; seeded with the
+    seed alone, a resume would replay the first run's draws (the same params again: a retrained or run-cache-restored
+    duplicate counted as another candidate)."""
+    import optuna
+
+    seed = None if plan.seed is None else (plan.seed if done == 0 else plan.seed * 1_000_003 + done) % 2**32
+    return (optuna.samplers.TPESampler(seed=seed) if plan.sampler == "tpe"
+            else optuna.samplers.RandomSampler(seed=seed))
 
 
 @contextlib.contextmanager

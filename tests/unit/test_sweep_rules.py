@@ -166,6 +166,36 @@ def test_a_study_of_another_commit_or_objective_is_not_resumed(tmp_path):
     assert flow._open_study(plan, "b" * 40, fresh=True, log=log).user_attrs["commit"] == "b" * 40  # --fresh
 
 
+def test_a_resumed_study_draws_new_params_not_the_first_runs_again(tmp_path):
+    """A sweep killed after its first draws and run again must not propose those params again (seeded with
+    sweep.seed alone, it did: CI saw a 'new' trial equal to trial 1, restored from DVC's run-cache)."""
+    import logging
+
+    import optuna
+
+    from flows import sweep as flow
+
+    space = {"lr": optuna.distributions.FloatDistribution(0.001, 0.01, log=True),
+             "ls": optuna.distributions.FloatDistribution(0.0, 0.1)}
+    log = logging.getLogger("test")
+    for sampler in ("tpe", "random"):
+        plan = _plan(tmp_path)
+        plan = rules.Plan(**{**plan.__dict__, "sampler": sampler, "study": f"s-{sampler}",
+                             "storage": f"sqlite:///{tmp_path / 'optuna.db'}"})
+        first = flow._open_study(plan, "a" * 40, fresh=False, log=log)
+        drawn = []
+        for _ in range(2):
+            t = first.ask(space)
+            drawn.append(t.params)
+            first.tell(t, 0.5)
+        resumed = flow._open_study(plan, "a" * 40, fresh=False, log=log)
+        again = resumed.ask(space).params
+        assert again not in drawn, (sampler, again, drawn)
+        # the same seed still gives the same sweep: a fresh study draws the first run's params again
+        fresh = flow._open_study(plan, "a" * 40, fresh=True, log=log)
+        assert fresh.ask(space).params == drawn[0], sampler
+
+
 def test_one_sweep_drives_a_study_at_a_time(tmp_path):
     from flows import sweep as flow
     from flows.errors import FlowError
