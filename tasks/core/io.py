@@ -13,7 +13,9 @@ Raw items  (``paths.raw_items``: a directory of ``part-NNNNN.parquet``; written 
     width, height int32    decoded size in pixels
     mode          string   PIL mode as stored (L, RGB, RGBA, P, CMYK, I;16, ...)
     channels      int8     channels after keel's normalisation rule (1 for L/I;16, else 3)
-    brightness    float32  mean of the normalised 8-bit grayscale image, 0..255
+    brightness    float32  mean of the normalised 8-bit grayscale image, 0..255 (of its feature copy:
+                           ``imaging.feature_pixels``, box-reduced when the shorter side is >= 128 px;
+                           contrast, phash and thumb read the same copy)
     contrast      float32  standard deviation of the same, 0..255
     pixel_sha     string   sha256 of the normalised decoded pixels (exact duplicates across encodings)
     phash         uint64   64-bit DCT perceptual hash (the audit's duplicate counts)

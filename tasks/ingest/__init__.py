@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from tasks.core import io, neardup
 from tasks.core import progress as prog
 from tasks.core.config import IngestConfig, Paths
-from tasks.core.imaging import ImageRejected, decode, features, to_gray
+from tasks.core.imaging import ImageRejected, decode, feature_pixels, features, to_gray
 from tasks.core.parallel import ExecutorSpec, bounded_map, chunked
 from tasks.ingest import sources
 
@@ -103,7 +103,7 @@ def _process_chunk(chunk: list[sources.Candidate]) -> list[tuple[dict | None, tu
             continue
         try:
             d = decode(data, **_WORKER["decode_kwargs"])
-            gray = to_gray(d.pixels)  # once, for the features and the thumbnail
+            gray = to_gray(feature_pixels(d.pixels))  # once, for the features and the thumbnail
             brightness, contrast, pixel_sha, ph = features(d.pixels, gray)
             thumb = _thumbnail(gray)
         except ImageRejected as r:

@@ -22,7 +22,7 @@ from PIL import Image
 from tasks import split
 from tasks.core import io, neardup
 from tasks.core.config import NearDupConfig, SplitConfig
-from tasks.core.imaging import decode, features, to_gray
+from tasks.core.imaging import decode, feature_pixels, features, to_gray
 from tasks.split import report as report_mod
 from tasks.split.stage import params_of
 from tests.conftest import encode
@@ -109,11 +109,12 @@ def raw_row(uri: str, pixels: np.ndarray, group: str | None = None) -> dict:
     src, label = (parts[0], parts[1]) if len(parts) == 3 else (None, parts[0])
     data = encode(pixels)
     d = decode(data, max_pixels=10**8)
-    brightness, contrast, pixel_sha, ph = features(d.pixels)
+    gray = to_gray(feature_pixels(d.pixels))
+    brightness, contrast, pixel_sha, ph = features(d.pixels, gray)
     return {"id": hashlib.sha256(data).hexdigest(), "image": data, "label": label, "source_uri": uri,
             "group": group, "source_split": src, "format": d.format, "width": d.width, "height": d.height,
             "mode": d.mode, "channels": d.channels, "brightness": brightness, "contrast": contrast,
-            "pixel_sha": pixel_sha, "phash": ph, "thumb": neardup.thumbnail(to_gray(d.pixels))}
+            "pixel_sha": pixel_sha, "phash": ph, "thumb": neardup.thumbnail(gray)}
 
 
 def write_raw(paths, rows: list[dict], rejects: list[dict] = ()) -> dict[str, str]:
@@ -261,6 +262,46 @@ def test_exact_and_near_duplicates_and_groups_stay_together():
     assert split.check(t, m, links) == [] and decisions == []
     # the pairs really are spread over the splits: the test could catch a unit torn apart
     assert len({s[i] for i, _ in near}) == 3
+
+
+# large photos: a 384 px window of a smooth 480 px canvas; near-duplicate copies as a user's folder has them
+BIG = {
+    "shift 12 px": lambda c: crop(c, 12, 12, 384),
+    "flip": lambda c: np.ascontiguousarray(crop(c, s=384)[:, ::-1]),
+    "crop 5 % and resized back": lambda c: np.asarray(Image.fromarray(crop(c, s=384)[20:-20, 20:-20]).resize(
+        (384, 384), Image.Resampling.BICUBIC)),
+    "half size": lambda c: np.asarray(Image.fromarray(crop(c, s=384)).resize((192, 192), Image.Resampling.LANCZOS)),
+    "brightness +10 %": lambda c: np.clip(crop(c, s=384) * 1.1, 0, 255).astype(np.uint8),
+}
+
+
+def test_large_photos_near_duplicates_are_found_from_the_feature_copy(paths, tmp_path):
+    """ingest reads a large image's perceptual features from its box-reduced copy (imaging.feature_pixels): the
+    real ingest on 384 px JPEGs, then split's search, still finds every planted copy and nothing else."""
+    from tasks import ingest
+    from tasks.core.config import IngestConfig
+
+    src = tmp_path / "photos"
+    n, kinds = 60, list(BIG)
+    canvases = [canvas(7000 + i, size=480, sigma=30.0) for i in range(n)]
+    planted = set()
+    for k in range(3):
+        (src / str(k)).mkdir(parents=True)
+    for i, c in enumerate(canvases):
+        Image.fromarray(crop(c, s=384)).save(src / str(i % 3) / f"{i:03d}.jpg", quality=90)
+        if i < 2 * len(kinds):  # two copies of each kind, in the other classes' folders (labels do not matter)
+            kind = kinds[i % len(kinds)]
+            Image.fromarray(BIG[kind](c)).save(src / str((i + 1) % 3) / f"{i:03d}-copy.jpg", quality=90)
+            planted.add((f"{i % 3}/{i:03d}.jpg", f"{(i + 1) % 3}/{i:03d}-copy.jpg", kind))
+    ingest.run(IngestConfig(source=str(src), workers=1), paths)
+    m = io.read_raw_meta(paths.raw_items)
+    uris = [u.split("photos/")[-1] for u in m.column("source_uri").to_pylist()]
+    assert set(m.column("width").to_pylist()) == {192, 384}  # the stored size, not the feature copy's
+    links = link(m, io.read_raw_thumbs(paths.raw_items))
+    found = {tuple(sorted((uris[a], uris[b]))) for a, b in links.near.tolist()}
+    missed = [kind for a, b, kind in planted if tuple(sorted((a, b))) not in found]
+    assert not missed, missed
+    assert len(found) == len(planted), found - {tuple(sorted((a, b))) for a, b, _ in planted}
 
 
 def test_small_images_use_the_phash_check():
