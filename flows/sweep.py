@@ -451,6 +451,7 @@ def sweep(project_dir: str | None = None, promote: bool = True, fresh: bool = Fa
                 cancel_jobs(root, [t.user_attrs["experiment"] for t in left
                                    if t.user_attrs.get("trials_on", "local") != "local"], log)
                 prepare_data(root, log)
+            _end_interrupted_runs(root, parent, left, log)
             result = _search_then_promote(root, study, plan, params, parent, head, interrupted, promote, log,
                                           trials_on)
         except BaseException:
@@ -458,6 +459,24 @@ def sweep(project_dir: str | None = None, promote: bool = True, fresh: bool = Fa
             raise
         _end_parent(root, parent, "FINISHED")
     return result
+
+
+def _end_interrupted_runs(root: Path, parent: str | None, left: list, log) -> None:
+    """The MLflow runs of trials a killed sweep left running end KILLED (tagged ``keel.sweep.interrupted``), not
+    RUNNING forever: the retry of each is a run of its own."""
+    if not parent or not left:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=_tracking_uri(root))
+    numbers = {str(t.number) for t in left}
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'")
+    for run in runs:
+        if run.data.tags.get("keel.trial") in numbers:
+            client.set_tag(run.info.run_id, "keel.sweep.interrupted", "true")
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.info(f"trial {run.data.tags['keel.trial']}: its MLflow run {run.info.run_id} ended KILLED")
 
 
 def _end_parent(root: Path, parent: str | None, status: str) -> None:

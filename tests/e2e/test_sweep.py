@@ -145,7 +145,11 @@ def test_sweep_fails_a_trial_survives_a_kill_resumes_and_promotes_one(project):
                                   "tags.`keel.stage` = 'sweep'")
     assert parent.info.status == "FINISHED" and parent.data.tags["keel.sweep.best_trial"] == str(best.number)
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    by_trial = {int(c.data.tags["keel.trial"]): c for c in children}
+    by_trial = {int(c.data.tags["keel.trial"]): c for c in children if c.info.status != "KILLED"}
+    # an interrupted trial's run (if its training had started) ended KILLED when the sweep resumed, none RUNNING
+    assert all(c.info.status in ("FINISHED", "KILLED", "FAILED") for c in children), [
+        (c.data.tags["keel.trial"], c.info.status) for c in children]
+    assert all(int(c.data.tags["keel.trial"]) in running for c in children if c.info.status == "KILLED")
     for t in complete:
         # a retry whose training DVC's run-cache restored (the interrupted trial had finished training) trains
         # nothing new: its run is the interrupted trial's

@@ -306,3 +306,29 @@ def test_a_job_trial_gets_the_study_storage_from_its_own_configuration_not_from_
     env = _trial_env(ws, ws / ".dvc/tmp/keel-trials/t7", param)
     assert json.loads(env[TRIAL_ENV]) == spec and env[HOME_ENV] == str(ws)
     assert job_environment({}, None) == {} and TRIAL_ENV not in _trial_env(ws, ws, {})
+
+
+def test_a_resumed_sweep_ends_the_interrupted_trials_runs_killed(tmp_path, monkeypatch):
+    """A killed sweep leaves its running trials' MLflow runs RUNNING; the resume ends those (and only those) KILLED."""
+    import logging
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from flows import sweep as flow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(flow, "_tracking_uri", lambda root: uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("keel", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp, tags={"keel.stage": "sweep"}).info.run_id
+    runs = {n: client.create_run(exp, tags={"mlflow.parentRunId": parent, "keel.trial": str(n)}).info.run_id
+            for n in (1, 2, 3)}
+    client.set_terminated(runs[3], "FINISHED")
+    other = client.create_run(exp, tags={"keel.trial": "2"}).info.run_id   # another sweep's trial 2: not ours
+    flow._end_interrupted_runs(tmp_path, parent, [SimpleNamespace(number=2), SimpleNamespace(number=3)],
+                               logging.getLogger("test"))
+    status = {n: client.get_run(r).info.status for n, r in runs.items()}
+    assert status == {1: "RUNNING", 2: "KILLED", 3: "FINISHED"}, status
+    assert client.get_run(runs[2]).data.tags["keel.sweep.interrupted"] == "true"
+    assert client.get_run(other).info.status == "RUNNING"
