@@ -19,7 +19,7 @@ from PIL import Image
 
 from tasks.core import io, progress
 from tasks.core.config import Paths, ShardConfig
-from tasks.core.imaging import fast_pixels, preprocess, resize_square, to_channels
+from tasks.core.imaging import fast_pixels, preprocess, resize_square, scaled_draft, to_channels
 from tasks.core.parallel import ExecutorSpec, bounded_map
 
 _W: dict = {}
@@ -39,6 +39,8 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # locally: the host's Pillow limit stays
         for k, data in enumerate(blobs):
             img = Image.open(_io.BytesIO(data))
+            if _W["decode"] == "scaled":
+                scaled_draft(img, _W["resolution"])  # a large JPEG decodes at 1/2-1/8 scale; serving does the same
             px = fast_pixels(img, data)  # a plain JPEG: simplejpeg, Pillow's pixels byte for byte, ~7x faster
             if px is None:
                 img.load()
@@ -152,7 +154,7 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
 
     counts = np.zeros((cfg.channels, 256), np.int64)
     worker_cfg = {"resolution": cfg.resolution, "channels": cfg.channels, "resize": cfg.resize,
-                  "background": list(cfg.alpha_background)}
+                  "background": list(cfg.alpha_background), "decode": cfg.decode}
     with io.atomic_dir(paths.shards_dir) as tmp, progress.progress(total=total, desc="shard", unit="item") as bar:
         writers = {s: _SplitWriter(tmp, s, cfg) for s in io.SPLITS}
         seen_in_raw = 0
@@ -178,7 +180,7 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
         mean, std = _mean_std(counts)
         index = io.ShardIndex(classes=classes, resolution=cfg.resolution, channels=cfg.channels, mean=mean.round(6).tolist(),
                               std=std.round(6).tolist(), manifest_sha256=manifest_sha, splits=files,
-                              resize=cfg.resize, background=list(cfg.alpha_background))
+                              resize=cfg.resize, background=list(cfg.alpha_background), decode=cfg.decode)
         io.write_json(tmp / "index.json", index.to_json())
     rows = {s: sum(f.rows for f in v) for s, v in files.items()}
     print(f"shard: {rows} at {cfg.resolution}x{cfg.resolution}x{cfg.channels}; train mean {index.mean} std {index.std}")

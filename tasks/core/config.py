@@ -123,6 +123,10 @@ class ShardConfig(_Section):
     resolution: int = Field(32, ge=4, description="training resolution (square, pixels)")
     channels: Literal[1, 3] = 3
     resize: Literal["squash", "center_crop"] = "center_crop"
+    decode: Literal["scaled", "full"] = Field(
+        "scaled", description="scaled: a JPEG at least twice the resolution decodes at 1/2, 1/4 or 1/8 scale "
+        "(libjpeg's DCT scaling, Image.draft) before the resize; full: every pixel is decoded first. Recorded in "
+        "the shard index and the served model, which decodes the same way")
     row_group_rows: int = Field(1024, ge=1)
     shard_rows: int = Field(16_384, ge=1)
     workers: int = Field(2, ge=1, description="local processes (executor dask: LocalCluster workers)")

@@ -56,7 +56,7 @@ def has_alpha(img: Image.Image) -> bool:
 
 
 def open_image(data: bytes, *, max_pixels: int, allowed_formats: list[str] | None = None, min_side: int = 1,
-               setting: str = "ingest.", load: bool = True) -> Image.Image:
+               setting: str = "ingest.", load: bool = True, draft_to: int | None = None) -> Image.Image:
     """Open ``data`` lazily, refuse it from its header (size, format), then load the pixels; or ``ImageRejected``.
 
     The one guarded way from bytes to a loaded image (ingest's ``decode`` and the served model both use it).
@@ -64,7 +64,8 @@ def open_image(data: bytes, *, max_pixels: int, allowed_formats: list[str] | Non
     ``Image.MAX_IMAGE_PIXELS``, which is the host's and is never changed here: its warning is silenced locally
     (``max_pixels`` is checked here, before any pixel is decoded) and its error, raised only past twice that
     global, is a refusal with the same reason.  ``load=False`` returns the image after the header checks, before
-    any pixel is decoded (``decode`` then tries ``fast_pixels`` first).
+    any pixel is decoded (``decode`` then tries ``fast_pixels`` first).  ``draft_to``: a model resolution; a JPEG
+    is then decoded at the reduced DCT scale ``scaled_draft`` picks for it (``shard.decode: scaled``).
     """
     if len(data) == 0:
         raise ImageRejected("empty_file", "zero bytes")
@@ -86,6 +87,8 @@ def open_image(data: bytes, *, max_pixels: int, allowed_formats: list[str] | Non
                                 f"({', '.join(allowed_formats)})")
         if min(w, h) < min_side:
             raise ImageRejected("too_small", f"{w}x{h} smaller than {setting}min_side={min_side}")
+        if draft_to is not None:
+            scaled_draft(img, draft_to)
         if not load:
             return img
         try:
@@ -151,8 +154,12 @@ def fast_pixels(img: Image.Image, data: bytes) -> np.ndarray | None:
             return None
     except _DECODE_ERRORS:
         pass  # unreadable EXIF counts as none (``upright``)
+    # a drafted image (scaled_draft): libjpeg's scaled decode at Pillow's chosen size (the smallest libjpeg-turbo
+    # scale that is at least that size is Pillow's 1/s; the shape check below holds it to that)
+    scale = (getattr(img, "decoderconfig", None) or (1,))[0]
+    size = {"min_height": img.height, "min_width": img.width} if scale > 1 else {}
     try:
-        px = _simplejpeg.decode_jpeg(data, colorspace=_FAST_MODES[img.mode], strict=True)
+        px = _simplejpeg.decode_jpeg(data, colorspace=_FAST_MODES[img.mode], strict=True, **size)
     except Exception:  # noqa: BLE001 - anything simplejpeg refuses goes to Pillow, which has the last word
         return None
     if img.mode == "L":
@@ -160,6 +167,25 @@ def fast_pixels(img: Image.Image, data: bytes) -> np.ndarray | None:
     if px.shape[:2] != (img.height, img.width):
         return None
     return px
+
+
+def scaled_draft(img: Image.Image, resolution: int) -> None:
+    """Ask a lazily opened (not yet loaded) JPEG to decode at 1/8, 1/4 or 1/2 scale (Pillow's ``Image.draft``:
+    libjpeg scales in the inverse DCT, so a 384 px photo for a 32 px model decodes as 96 px, 3.5x faster).  The
+    largest scale that divides both sides exactly and keeps the shorter one at twice ``resolution`` or more: the
+    reduced image covers exactly the full one (no partial edge pixel, so the resize that follows sees the same
+    geometry whatever the EXIF orientation; most cameras' sizes divide by 8), and the resize still reduces at
+    least 2x with its own filter (Pillow's ``reducing_gap=2`` rule), so the result stays close to resizing every
+    pixel (tests/unit/test_fast_decode.py: a few per cent of what a one-pixel shift changes).
+    Nothing for other formats, or when no scale fits.  The shard stage (``shard.decode: scaled``) and the served
+    model of such shards both come through here, then resize as always."""
+    if img.format != "JPEG":
+        return
+    w, h = img.size
+    for s in (8, 4, 2):
+        if w % s == 0 and h % s == 0 and min(w, h) // s >= 2 * resolution:
+            img.draft(img.mode, (w // s, h // s))
+            return
 
 
 def upright(img: Image.Image) -> Image.Image:

@@ -296,6 +296,7 @@ class ShardIndex:
     version: int = 1
     resize: str = "center_crop"  # how images were squared (tasks.core.imaging.preprocess); serving repeats it
     background: list[int] = field(default_factory=lambda: [255, 255, 255])  # alpha composited over this
+    decode: str = "full"  # shard.decode; an index written before it was recorded decoded every pixel
 
     def rows(self, split: str) -> int:
         return sum(s.rows for s in self.splits.get(split, []))

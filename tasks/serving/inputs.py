@@ -33,8 +33,11 @@ class InvalidImageError(UserError, ValueError):
 
 
 def image(value: Any, row: int, *, max_image_bytes: int, max_pixels: int,
-          allowed_formats: list[str] | None = None) -> Image.Image:
-    """One input cell -> a decoded PIL image (not yet preprocessed; ``preprocess`` makes it upright)."""
+          allowed_formats: list[str] | None = None, draft_to: int | None = None) -> Image.Image:
+    """One input cell -> a decoded PIL image (not yet preprocessed; ``preprocess`` makes it upright).
+
+    ``draft_to``: the model's resolution when its shards were made with ``shard.decode: scaled`` (encoded JPEGs
+    then decode at the same reduced DCT scale as there; an array is used as it is, as shard never saw one)."""
     if isinstance(value, np.ndarray):
         return from_array(value, row, max_pixels=max_pixels)
     if isinstance(value, str):
@@ -48,7 +51,7 @@ def image(value: Any, row: int, *, max_image_bytes: int, max_pixels: int,
                                 f"{type(value).__name__}; send encoded image bytes (base64 strings in JSON) or a "
                                 "uint8 HxW / HxWxC array")
     return decode(data, row, max_image_bytes=max_image_bytes, max_pixels=max_pixels,
-                  allowed_formats=allowed_formats)
+                  allowed_formats=allowed_formats, draft_to=draft_to)
 
 
 def from_base64(text: str, row: int, *, max_image_bytes: int) -> bytes:
@@ -66,7 +69,7 @@ def from_base64(text: str, row: int, *, max_image_bytes: int) -> bytes:
 
 
 def decode(data: bytes, row: int, *, max_image_bytes: int, max_pixels: int,
-           allowed_formats: list[str] | None = None) -> Image.Image:
+           allowed_formats: list[str] | None = None, draft_to: int | None = None) -> Image.Image:
     """Encoded bytes -> a loaded image, through ingest's own guarded opener (``tasks.core.imaging.open_image``).
 
     ``allowed_formats``: the formats the model was trained with (``None``: any Pillow opens).
@@ -74,7 +77,8 @@ def decode(data: bytes, row: int, *, max_image_bytes: int, max_pixels: int,
     if len(data) > max_image_bytes:
         raise InvalidImageError(row, "too_many_bytes", f"{len(data)} bytes > max_image_bytes={max_image_bytes}")
     try:
-        return open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, setting="")
+        return open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, setting="",
+                          draft_to=draft_to)
     except ImageRejected as exc:
         detail = exc.detail
         if exc.reason == "format_not_allowed":

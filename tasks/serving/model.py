@@ -45,6 +45,7 @@ def spec_from_checkpoint(blob: dict, *, max_image_bytes: int, max_pixels: int,
         "channels": int(index["channels"]),
         "resize": index.get("resize", "center_crop"),
         "background": [int(v) for v in index.get("background", (255, 255, 255))],
+        "decode": str(index.get("decode", "full")),   # shard.decode (a model trained before it: every pixel)
         "model_name": blob["model_name"],
         # weights come from the state dict: rebuild with pretrained=none whatever the training init was
         "timm": {"small_input_stem": bool(train_cfg.get("small_input_stem", True)),
@@ -88,6 +89,10 @@ class ImageClassifier:
         self.tta = spec.get("tta", "none")
         if self.tta not in TTA_MODES:
             raise ValueError(f"serving spec: unknown tta {self.tta!r} (one of {TTA_MODES})")
+        self.decode = spec.get("decode", "full")  # how the shards decoded (shard.decode); serving repeats it
+        if self.decode not in ("scaled", "full"):
+            raise ValueError(f"serving spec: unknown decode {self.decode!r} (one of 'scaled', 'full'; "
+                             "shard.decode of the shards this model was trained on)")
 
     @classmethod
     def from_checkpoint(cls, blob: dict, *, max_image_bytes: int = 10_000_000, max_pixels: int = 89_478_485,
@@ -106,7 +111,8 @@ class ImageClassifier:
     def pixels(self, value: Any, row: int) -> np.ndarray:
         """One input cell -> uint8 ``resolution x resolution x channels`` (the shard stage's pixels)."""
         img = inputs.image(value, row, max_image_bytes=self.max_image_bytes, max_pixels=self.max_pixels,
-                           allowed_formats=self.allowed_formats)
+                           allowed_formats=self.allowed_formats,
+                           draft_to=self.resolution if self.decode == "scaled" else None)
         try:
             return preprocess(img, self.resolution, self.channels, self.spec.get("resize", "center_crop"),
                               tuple(self.spec.get("background", (255, 255, 255))))

@@ -111,7 +111,8 @@ def build(cfg, paths, logger, dist: Dist, precision: str, tracker: OpenTracker |
     data_versions = lineage.data_versions(paths.shards_dir, paths.split_manifest)
     # what a served model must repeat (tasks.core.imaging.preprocess + Normalize); packaged with best.pt
     preprocessing = {"classes": index.classes, "mean": index.mean, "std": index.std, "resolution": index.resolution,
-                     "channels": index.channels, "resize": index.resize, "background": list(index.background)}
+                     "channels": index.channels, "resize": index.resize, "background": list(index.background),
+                     "decode": index.decode}
     run_info = {"config": cfg.model_dump(mode="json"), "data_mode": feed.mode, "world_size": dist.world,
                 "accumulation": plan.accumulation, "effective_batch": plan.effective, "scaled_lr": plan.scaled_lr,
                 "backbone_lr": backbone_lr, "precision": precision, "steps_per_epoch": plan.steps_per_epoch,

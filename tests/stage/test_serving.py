@@ -289,3 +289,49 @@ def test_serving_leaves_pillows_process_wide_limit_alone(loaded, test_items):
     big = encode(np.zeros((400, 400), np.uint8))
     assert "row 0: too_many_pixels: 400x400 = 160000 pixels > max_pixels=100000" in _bad(model, [big])
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+def _photo(side_w: int, side_h: int, seed: int = 0) -> bytes:
+    """A smooth, photo-like RGB JPEG (gradients and blobs: what DCT scaling is made for)."""
+    import io as _io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side_h, 0:side_w] / max(side_w, side_h)
+    chans = [np.sin(xx * rng.uniform(2, 9) + rng.uniform(0, 6)) * np.cos(yy * rng.uniform(2, 9)) for _ in range(3)]
+    px = ((np.stack(chans, -1) + 1) * 127.5).astype(np.uint8)
+    buf = _io.BytesIO()
+    Image.fromarray(px).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_served_model_decodes_the_way_its_shards_did(checkpoint):
+    """A model trained on ``shard.decode: scaled`` shards decodes a large JPEG at the same reduced DCT scale the
+    shard stage did, so it sees the very pixels training saw; a model whose index has no decode (trained before
+    it was recorded) decodes every pixel, as its shards did.  An unknown decode in a spec is refused by name."""
+    from tasks import shard
+    from tasks.serving.model import ImageClassifier
+
+    res = checkpoint["index"]["resolution"]
+    photos = [_photo(16 * res, 12 * res, seed) for seed in range(3)]  # 1/4 scale keeps >= 2x the resolution
+    for mode in ("scaled", "full"):
+        blob = {**checkpoint, "index": {**checkpoint["index"], "decode": mode}}
+        if mode == "full":
+            del blob["index"]["decode"]  # an older index: full is what it meant
+        served = ImageClassifier.from_checkpoint(blob, max_image_bytes=10_000_000, device="cpu")
+        assert served.decode == mode
+        shard._init({"resolution": res, "channels": int(checkpoint["index"]["channels"]),
+                     "resize": checkpoint["index"].get("resize", "center_crop"),
+                     "background": [255, 255, 255], "decode": mode})
+        _, from_shard = shard._decode_batch(([f"p{i}" for i in range(len(photos))], photos))
+        got = np.stack([served.pixels(p, i) for i, p in enumerate(photos)])
+        assert np.array_equal(got, from_shard), mode
+        if mode == "scaled":
+            scaled_px = got
+    assert not np.array_equal(scaled_px, got)  # the two decodes differ, so the test above can tell them apart
+
+    bad = {**checkpoint, "index": {**checkpoint["index"], "decode": "fast"}}
+    with pytest.raises(ValueError, match=r"serving spec: unknown decode 'fast' \(one of 'scaled', 'full'; "
+                                         r"shard.decode of the shards this model was trained on\)"):
+        ImageClassifier.from_checkpoint(bad, device="cpu")
