@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from tasks.core import io
-from tasks.core.config import Params
+from tasks.core.config import Params, RegisterConfig
 from tasks.core.errors import DataError
 from tasks.core.project import dvc, experiments_of_head, project_home
 
@@ -55,15 +55,25 @@ def _sweep_trial(report_path: Path, experiment: str) -> dict:
                          f"{report['objective']} {trial['value']:.4f} ({report['direction']})"}
 
 
-def _tag(report: dict, tags: dict[str, str]) -> None:
-    from mlflow import MlflowClient
-
+def _tag(report: dict, tags: dict[str, str], cfg: RegisterConfig) -> None:
+    """Tag the registered version through the register stage's ``Registry`` (its retries on connection errors, MLflow's
+    own HTTP retries bounded); a server that stays unreachable is a PromoteError that says what is done already."""
     from tasks.core import tracking
+    from tasks.register.records import RegisterError
+    from tasks.register.registry import Registry, http_limits
 
     uri = report.get("tracking_uri") or tracking.tracking_uri(project_home())
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for k, v in tags.items():
-        client.set_model_version_tag(report["model_name"], str(report["version"]), k, v)
+    name, version = report["model_name"], str(report["version"])
+    with http_limits():
+        registry = Registry(uri, cfg)
+        try:
+            for k, v in tags.items():
+                registry.call(f"tagging {name} v{version} {k}", registry.client.set_model_version_tag,
+                              name, version, k, v)
+        except RegisterError as exc:
+            raise PromoteError(f"{name} v{version} is evaluated (one test read) and registered, but its promotion "
+                               f"tags are not set: {exc} Run the same `keel promote` again once the server answers: "
+                               "every stage is cached, so the test split is not read again.") from None
 
 
 def _apply_sets(root: Path, sets: list[str], name: str) -> None:
@@ -152,7 +162,7 @@ def run(params: Params, experiment: str, sweep_report: str | None = None) -> dic
     if sweep:
         tags.update({"keel.sweep": sweep["study"], "keel.trial": str(sweep["trial"]),
                      "keel.selection": sweep["selection"]})
-    _tag(report, tags)
+    _tag(report, tags, params.register)
     print(f"promote: {report['model_name']} v{report['version']} is {chosen['name']}, chosen from {compared} "
           "candidates on validation; one test read", file=sys.stderr)
     return result
