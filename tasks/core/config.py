@@ -43,6 +43,15 @@ class Paths(_Section):
     register_report: str = "reports/register.json"
 
 
+def _address_needs_dask(cfg, section: str):
+    """``scheduler_address`` is read only by ``executor: dask``: with ``local`` it would be ignored, so say so."""
+    if cfg.scheduler_address and cfg.executor != "dask":
+        raise ValueError(f"scheduler_address={cfg.scheduler_address!r} is read only with executor: dask, and "
+                         f"{section}.executor is {cfg.executor!r}: set {section}.executor: dask to run on that "
+                         "scheduler, or remove the address to run locally")
+    return cfg
+
+
 class IngestConfig(_Section):
     source: str = Field("builtin:digits", description="builtin:digits | a folder | a .csv/.parquet manifest | s3://bucket/prefix")
     root: str | None = Field(None, description="data root that manifest paths resolve against (default: the manifest's folder)")
@@ -61,6 +70,10 @@ class IngestConfig(_Section):
     near_dup_max_distance: int = Field(4, ge=0, le=15)
     contact_sheet_items: int = Field(100, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _address_with_dask(self) -> IngestConfig:
+        return _address_needs_dask(self, "ingest")
 
 
 class NearDupConfig(_Section):
@@ -135,6 +148,10 @@ class ShardConfig(_Section):
                                           "null = $DASK_SCHEDULER_ADDRESS, else a LocalCluster of `workers`")
     retries: int = Field(2, ge=0, description="executor dask: resubmissions of a batch that raised on a worker")
     alpha_background: tuple[int, int, int] = (255, 255, 255)
+
+    @model_validator(mode="after")
+    def _address_with_dask(self) -> ShardConfig:
+        return _address_needs_dask(self, "shard")
 
 
 class TrainConfig(_Section):

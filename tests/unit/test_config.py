@@ -59,6 +59,17 @@ def test_validate_bounds_must_be_ordered(tmp_path):
         load_params(p)
 
 
+@pytest.mark.parametrize("section", ["ingest", "shard"])
+def test_a_scheduler_address_without_executor_dask_is_refused(tmp_path, section):
+    p = write(tmp_path, f"{section}:\n  scheduler_address: tcp://10.0.0.5:8786\n")
+    with pytest.raises(ConfigError, match=rf"{section}: .*scheduler_address='tcp://10.0.0.5:8786' is read only with "
+                       rf"executor: dask, and {section}.executor is 'local': set {section}.executor: dask to run on "
+                       "that scheduler, or remove the address to run locally"):
+        load_params(p)
+    ok = write(tmp_path, f"{section}:\n  scheduler_address: tcp://10.0.0.5:8786\n  executor: dask\n")
+    assert getattr(load_params(ok), section).scheduler_address == "tcp://10.0.0.5:8786"
+
+
 def test_a_flow_section_is_refused_and_points_at_the_flow_arguments(tmp_path):
     """Nothing reads a `flow:` section: accepting it would let a user believe their retries were set."""
     p = write(tmp_path, "flow:\n  io_retries: 5\n")
