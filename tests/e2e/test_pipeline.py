@@ -96,7 +96,14 @@ def test_dvc_repro_fresh_then_noop_then_params_change(clone):
     assert ran(r.stdout) == set(), r.stdout
     assert r.stdout.count("didn't change, skipping") == len(STAGES), r.stdout
 
+    # a validate rerun that passes on the same data (a report-only param): new Data Docs, the same verdict, so
+    # shard and everything after it stay as they are
     params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["validate"]["sample_ids"] = params["validate"].get("sample_ids", 5) + 2
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = sh(["dvc", "repro"], clone)
+    assert ran(r.stdout) == {"validate"}, r.stdout
+
     params["shard"]["resolution"] = 16
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = sh(["dvc", "repro"], clone, check=False)
