@@ -60,8 +60,9 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, max_in_f
         return
     max_in_flight = max_in_flight or workers * 4
     # spawn, not fork: the parent may hold threads (boto3, pyarrow) that fork would copy mid-lock.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
-                             initargs=initargs) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                               initargs=initargs)
+    try:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -69,6 +70,10 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, max_in_f
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:  # a task raised, or the consumer stopped: the queued tasks are not run for nothing
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 _INIT_LOCK = threading.Lock()
