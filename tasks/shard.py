@@ -19,7 +19,16 @@ from PIL import Image
 
 from tasks.core import io, progress
 from tasks.core.config import Paths, ShardConfig
-from tasks.core.imaging import fast_pixels, preprocess, resize_square, scaled_draft, to_channels
+from tasks.core.imaging import (
+    draft_scale,
+    fast_pixels,
+    jpeg_pixels,
+    plain_jpeg,
+    preprocess,
+    resize_square,
+    scaled_draft,
+    to_channels,
+)
 from tasks.core.parallel import ExecutorSpec, bounded_map
 
 _W: dict = {}
@@ -38,6 +47,14 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
     with warnings.catch_warnings():  # ingest already applied the bomb guard to these exact bytes (imaging.open_image)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # locally: the host's Pillow limit stays
         for k, data in enumerate(blobs):
+            header = plain_jpeg(data)  # a plain JPEG: its size from the header in C, no Pillow open (imaging)
+            if header is not None:
+                w, h, mode = header
+                s = draft_scale(w, h, _W["resolution"]) if _W["decode"] == "scaled" else 1
+                px = jpeg_pixels(data, mode, (w // s, h // s))  # what scaled_draft + fast_pixels give, byte for byte
+                if px is not None:
+                    out[k] = to_channels(resize_square(px, _W["resolution"], _W["resize"]), _W["channels"])
+                    continue
             img = Image.open(_io.BytesIO(data))
             if _W["decode"] == "scaled":
                 scaled_draft(img, _W["resolution"])  # a large JPEG decodes at 1/2-1/8 scale; serving does the same

@@ -160,3 +160,117 @@ def test_scaled_leaves_small_images_other_formats_and_odd_sizes_alone():
     img = Image.open(png)
     imaging.scaled_draft(img, 32)
     assert img.size == (400, 400)
+
+
+# ---- plain_jpeg: a JPEG's header read in C, without Pillow opening the file (ingest's decode, shard)
+def _exif(orientation: int | None, comment: bool = False) -> Image.Exif:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[imaging.ORIENTATION] = orientation
+    if comment:
+        exif[0x010E] = "a description"  # ImageDescription: Exif with no Orientation
+    return exif
+
+
+def _variants() -> dict[str, tuple[bytes, bool]]:
+    """name -> (bytes, whether plain_jpeg takes it); each with Pillow's own answer to compare against."""
+    rgb, gray = _photo(40, 56, 3), _photo(24, 40, 4, gray=True)
+    two = io.BytesIO()
+    Image.fromarray(rgb).save(two, "MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1].copy())])
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
+    icc = Image.new("RGB", (4, 4)).info.get("icc_profile") or b"\0" * 128  # any bytes: Pillow does not apply it
+    plain = _jpeg(rgb, quality=88)
+    return {
+        "baseline 4:2:0": (plain, True),
+        "4:4:4": (_jpeg(rgb, subsampling=0), True),
+        "progressive": (_jpeg(rgb, progressive=True), True),
+        "optimized": (_jpeg(rgb, optimize=True), True),
+        "grey": (_jpeg(gray), True),
+        "with a comment": (_jpeg(rgb, comment=b"made by a camera"), True),
+        "with an ICC profile": (_jpeg(rgb, icc_profile=icc), True),
+        "restart markers": (_jpeg(rgb, restart_marker_blocks=2), True),
+        "fill bytes before a marker": (plain[:2] + b"\xff\xff" + plain[2:], True),
+        "trailing bytes": (plain + b"\0" * 40, True),
+        "EXIF orientation 6": (_jpeg(rgb, exif=_exif(6)), False),
+        "EXIF orientation 1": (_jpeg(rgb, exif=_exif(1)), False),
+        "EXIF without orientation": (_jpeg(rgb, exif=_exif(None, comment=True)), False),
+        "MPO (two frames)": (two.getvalue(), False),
+        "CMYK (Adobe)": (cmyk.getvalue(), False),
+        "truncated": (plain[: len(plain) // 2], True),
+        "header only": (plain[:200], False),
+        "PNG": (_png(rgb), False),
+        "empty": (b"", False),
+    }
+
+
+def _png(px: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _through_pillow(monkeypatch, fn):
+    """``fn()`` with the header fast path off: what decode and shard did before it, Pillow opening every file."""
+    with monkeypatch.context() as m:
+        m.setattr(imaging, "plain_jpeg", lambda data: None)
+        from tasks import shard
+        m.setattr(shard, "plain_jpeg", lambda data: None)
+        try:
+            return fn()
+        except ImageRejected as exc:
+            return exc
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+def test_a_plain_jpeg_is_what_pillow_says_and_decodes_the_same(name, monkeypatch):
+    data, plain = _variants()[name]
+    header = imaging.plain_jpeg(data)
+    assert (header is not None) == plain, header
+    if header is not None:  # Pillow opening the file agrees on everything the fast path skips it for
+        img = Image.open(io.BytesIO(data))
+        assert (img.format, img.size, img.mode) == ("JPEG", header[:2], header[2])
+        assert img.getexif().get(imaging.ORIENTATION) is None
+        # and simplejpeg decodes it (decode's header path is taken), but for the damaged one, which goes to Pillow
+        assert (imaging.jpeg_pixels(data, header[2], header[:2]) is None) == (name == "truncated")
+    # the stage-level result is the same either way: the pixels, or the refusal and its words
+    try:
+        fast = decode(data, max_pixels=10**7)
+    except ImageRejected as exc:
+        fast = exc
+    slow = _through_pillow(monkeypatch, lambda: decode(data, max_pixels=10**7))
+    assert type(fast) is type(slow)
+    if isinstance(slow, ImageRejected):
+        assert (fast.reason, fast.detail) == (slow.reason, slow.detail)
+    else:
+        assert (fast.format, fast.mode, fast.width, fast.height) == (slow.format, slow.mode, slow.width, slow.height)
+        np.testing.assert_array_equal(fast.pixels, slow.pixels)
+
+
+@pytest.mark.parametrize(("kw", "reason"), [({"max_pixels": 2000}, "decompression_bomb"),
+                                             ({"max_pixels": 10**7, "allowed_formats": ["PNG"]},
+                                              "format_not_allowed"),
+                                             ({"max_pixels": 10**7, "min_side": 48}, "too_small")])
+def test_the_header_path_refuses_with_pillows_words(kw, reason, monkeypatch):
+    data = _jpeg(_photo(40, 56, 5))
+    assert imaging.plain_jpeg(data) == (56, 40, "RGB")
+    with pytest.raises(ImageRejected) as fast:
+        decode(data, **kw)
+    slow = _through_pillow(monkeypatch, lambda: decode(data, **kw))
+    assert fast.value.reason == slow.reason == reason and fast.value.detail == slow.detail
+
+
+@pytest.mark.parametrize("decode_mode", ["scaled", "full"])
+def test_shard_pixels_are_the_same_with_and_without_the_header_path(decode_mode, monkeypatch):
+    from tasks import shard
+
+    blobs = [data for data, _ in _variants().values() if data and imaging.plain_jpeg(data) is not None
+             and len(data) > 1000] + [_jpeg(_photo(256, 384, 6)), _jpeg(_photo(192, 128, 7, gray=True))]
+    blobs = [b for b in blobs if not isinstance(_through_pillow(monkeypatch, lambda b=b: decode(b, max_pixels=10**7)),
+                                                ImageRejected)]  # shard only sees what ingest took
+    shard._init({"resolution": 16, "channels": 3, "resize": "center_crop", "background": [255, 255, 255],
+                 "decode": decode_mode})
+    ids = [str(i) for i in range(len(blobs))]
+    _, fast = shard._decode_batch((ids, blobs))
+    _, slow = _through_pillow(monkeypatch, lambda: shard._decode_batch((ids, blobs)))
+    np.testing.assert_array_equal(fast, slow)
