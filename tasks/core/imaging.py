@@ -198,7 +198,7 @@ def plain_jpeg(data: bytes) -> tuple[int, int, str] | None:
 
     Pillow's header parse costs more than the decode of a 32 px JPEG (profiled: ~35 % of ingest's per-item
     work), so ingest and shard skip it where its answer is known: a file that starts as a JPEG, whose segments
-    before the scan hold no Exif (Pillow would read an Orientation there), no MPF (Pillow calls such a file MPO,
+    before the scan hold no APP1 segment (Exif or XMP: Pillow reads an Orientation from either), no MPF (Pillow calls such a file MPO,
     a format of its own) and no Adobe segment (colour transforms), in colour space YCbCr, RGB or grey (Pillow's
     modes RGB and L), with a size Pillow's own bomb guard would not refuse at open.  What Pillow would conclude
     for such a file is then exactly this: format JPEG, this size, this mode (tests/unit/test_fast_decode.py).
@@ -222,9 +222,9 @@ def plain_jpeg(data: bytes) -> tuple[int, int, str] | None:
         if length < 2:
             return None
         body = data[i + 4:i + 4 + 8]
-        if (marker == 0xE1 and body.startswith(b"Exif")) or (marker == 0xE2 and body.startswith(b"MPF")) or \
+        if marker == 0xE1 or (marker == 0xE2 and body.startswith(b"MPF")) or \
                 (marker == 0xEE and body.startswith(b"Adobe")):
-            return None
+            return None  # APP1: Exif or XMP, and Pillow reads an Orientation from either
         i += 2 + length
     try:
         h, w, space, _ = _simplejpeg.decode_jpeg_header(data)

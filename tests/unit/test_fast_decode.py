@@ -172,6 +172,11 @@ def _exif(orientation: int | None, comment: bool = False) -> Image.Exif:
     return exif
 
 
+XMP_ROTATED = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+               b'</x:xmpmeta>')
+
+
 def _variants() -> dict[str, tuple[bytes, bool]]:
     """name -> (bytes, whether plain_jpeg takes it); each with Pillow's own answer to compare against."""
     rgb, gray = _photo(40, 56, 3), _photo(24, 40, 4, gray=True)
@@ -195,6 +200,8 @@ def _variants() -> dict[str, tuple[bytes, bool]]:
         "EXIF orientation 6": (_jpeg(rgb, exif=_exif(6)), False),
         "EXIF orientation 1": (_jpeg(rgb, exif=_exif(1)), False),
         "EXIF without orientation": (_jpeg(rgb, exif=_exif(None, comment=True)), False),
+        "XMP orientation 6": (_jpeg(rgb, xmp=XMP_ROTATED), False),  # Pillow reads tiff:Orientation there too
+        "XMP without orientation": (_jpeg(rgb, xmp=XMP_ROTATED.replace(b"tiff:Orientation", b"tiff:Make")), False),
         "MPO (two frames)": (two.getvalue(), False),
         "CMYK (Adobe)": (cmyk.getvalue(), False),
         "truncated": (plain[: len(plain) // 2], True),
