@@ -198,8 +198,9 @@ def plain_jpeg(data: bytes) -> tuple[int, int, str] | None:
 
     Pillow's header parse costs more than the decode of a 32 px JPEG (profiled: ~35 % of ingest's per-item
     work), so ingest and shard skip it where its answer is known: a file that starts as a JPEG, whose segments
-    before the scan hold no APP1 segment (Exif or XMP: Pillow reads an Orientation from either), no MPF (Pillow calls such a file MPO,
-    a format of its own) and no Adobe segment (colour transforms), in colour space YCbCr, RGB or grey (Pillow's
+    before the scan hold no APP1 (Exif or XMP: Pillow reads an Orientation from either), no MPF (Pillow calls such
+    a file MPO, a format of its own), no Photoshop or Adobe segment (colour transforms; Pillow's parse of them can
+    fail) and no JFIF or ICC segment shorter than Pillow's parse reads, in colour space YCbCr, RGB or grey (Pillow's
     modes RGB and L), with a size Pillow's own bomb guard would not refuse at open.  What Pillow would conclude
     for such a file is then exactly this: format JPEG, this size, this mode (tests/unit/test_fast_decode.py).
     """
@@ -221,10 +222,15 @@ def plain_jpeg(data: bytes) -> tuple[int, int, str] | None:
         length = int.from_bytes(data[i + 2:i + 4], "big")
         if length < 2:
             return None
-        body = data[i + 4:i + 4 + 8]
-        if marker == 0xE1 or (marker == 0xE2 and body.startswith(b"MPF")) or \
-                (marker == 0xEE and body.startswith(b"Adobe")):
-            return None  # APP1: Exif or XMP, and Pillow reads an Orientation from either
+        body, size = data[i + 4:i + 4 + 12], length - 2
+        if marker in (0xE1, 0xED, 0xEE):  # Exif or XMP (an Orientation either way), Photoshop, Adobe
+            return None
+        if marker == 0xC8 or 0xF0 <= marker <= 0xFD:  # JPG extensions: Pillow does not skip their length
+            return None
+        if marker == 0xE2 and (body.startswith(b"MPF") or (body.startswith(b"ICC_PROFILE") and size < 14)):
+            return None  # MPO; an ICC chunk too short for Pillow's header parse
+        if marker == 0xE0 and body.startswith(b"JFIF") and size < 12:
+            return None  # a JFIF segment too short for Pillow's header parse
         i += 2 + length
     try:
         h, w, space, _ = _simplejpeg.decode_jpeg_header(data)

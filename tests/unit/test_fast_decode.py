@@ -205,10 +205,19 @@ def _variants() -> dict[str, tuple[bytes, bool]]:
         "MPO (two frames)": (two.getvalue(), False),
         "CMYK (Adobe)": (cmyk.getvalue(), False),
         "truncated": (plain[: len(plain) // 2], True),
+        "short JFIF segment": (plain[:2] + b"\xff\xe0\x00\x07JFIF\x00" + _segments_after_app0(plain), False),
+        "short ICC chunk": (plain[:2] + b"\xff\xe2\x00\x0eICC_PROFILE\x00" + plain[2:], False),
+        "JPG extension segment": (plain[:2] + b"\xff\xf1\x00\x04\xff\xd9" + plain[2:], False),
+        "Photoshop segment": (plain[:2] + b"\xff\xed\x00\x12Photoshop 3.0\x008B" + plain[2:], False),
         "header only": (plain[:200], False),
         "PNG": (_png(rgb), False),
         "empty": (b"", False),
     }
+
+
+def _segments_after_app0(data: bytes) -> bytes:
+    assert data[2:4] == b"\xff\xe0"
+    return data[4 + int.from_bytes(data[4:6], "big"):]
 
 
 def _png(px: np.ndarray) -> bytes:
