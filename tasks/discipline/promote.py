@@ -162,7 +162,7 @@ def run(params: Params, experiment: str, sweep_report: str | None = None) -> dic
     if sweep:
         tags.update({"keel.sweep": sweep["study"], "keel.trial": str(sweep["trial"]),
                      "keel.selection": sweep["selection"]})
-    _tag(report, tags, params.register)
+    _tag(report, tags, params.register_)
     print(f"promote: {report['model_name']} v{report['version']} is {chosen['name']}, chosen from {compared} "
           "candidates on validation; one test read", file=sys.stderr)
     return result
