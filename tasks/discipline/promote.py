@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from tasks.core import io
-from tasks.core.config import Params, RegisterConfig
+from tasks.core.config import Params
 from tasks.core.errors import DataError
 from tasks.core.project import dvc, experiments_of_head, project_home
 
@@ -55,9 +55,10 @@ def _sweep_trial(report_path: Path, experiment: str) -> dict:
                          f"{report['objective']} {trial['value']:.4f} ({report['direction']})"}
 
 
-def _tag(report: dict, tags: dict[str, str], cfg: RegisterConfig) -> None:
-    """Tag the registered version through the register stage's ``Registry`` (its retries on connection errors, MLflow's
-    own HTTP retries bounded); a server that stays unreachable is a PromoteError that says what is done already."""
+def _tag(report: dict, tags: dict[str, str], params: Params) -> None:
+    """Tag the registered version through the register stage's ``Registry`` (``params.register_``'s retries on
+    connection errors, MLflow's own HTTP retries bounded); a server that stays unreachable is a PromoteError that
+    says what is done already."""
     from tasks.core import tracking
     from tasks.register.records import RegisterError
     from tasks.register.registry import Registry, http_limits
@@ -65,7 +66,7 @@ def _tag(report: dict, tags: dict[str, str], cfg: RegisterConfig) -> None:
     uri = report.get("tracking_uri") or tracking.tracking_uri(project_home())
     name, version = report["model_name"], str(report["version"])
     with http_limits():
-        registry = Registry(uri, cfg)
+        registry = Registry(uri, params.register_)
         try:
             for k, v in tags.items():
                 registry.call(f"tagging {name} v{version} {k}", registry.client.set_model_version_tag,
@@ -162,7 +163,7 @@ def run(params: Params, experiment: str, sweep_report: str | None = None) -> dic
     if sweep:
         tags.update({"keel.sweep": sweep["study"], "keel.trial": str(sweep["trial"]),
                      "keel.selection": sweep["selection"]})
-    _tag(report, tags, params.register_)
+    _tag(report, tags, params)
     print(f"promote: {report['model_name']} v{report['version']} is {chosen['name']}, chosen from {compared} "
           "candidates on validation; one test read", file=sys.stderr)
     return result

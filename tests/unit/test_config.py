@@ -59,6 +59,12 @@ def test_validate_bounds_must_be_ordered(tmp_path):
         load_params(p)
 
 
+def test_an_unknown_shard_decode_is_named(tmp_path):
+    p = write(tmp_path, "shard:\n  decode: fast\n")
+    with pytest.raises(ConfigError, match=r"shard.decode: .*'scaled' or 'full'"):
+        load_params(p)
+
+
 @pytest.mark.parametrize("section", ["ingest", "shard"])
 def test_a_scheduler_address_without_executor_dask_is_refused(tmp_path, section):
     p = write(tmp_path, f"{section}:\n  scheduler_address: tcp://10.0.0.5:8786\n")

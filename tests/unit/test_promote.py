@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import RegisterConfig
+from tasks.core.config import Params, RegisterConfig
 from tasks.discipline import promote
 from tests.support.mlflow_server import free_port
 
@@ -25,7 +25,7 @@ def test_tags_land_on_the_registered_version(tmp_path):
     v1 = client.create_model_version("digits", str(tmp_path / "model"))
     v2 = client.create_model_version("digits", str(tmp_path / "model"))
     tags = {"keel.experiment": "lr-2 (abc1234567)", "keel.candidates_compared": "3"}
-    promote._tag({"tracking_uri": uri, "model_name": "digits", "version": int(v2.version)}, tags, RegisterConfig())
+    promote._tag({"tracking_uri": uri, "model_name": "digits", "version": int(v2.version)}, tags, Params())
     assert client.get_model_version("digits", v2.version).tags == tags
     assert client.get_model_version("digits", v1.version).tags == {}  # only the promoted version
 
@@ -34,7 +34,8 @@ def test_an_unreachable_server_names_what_is_done_and_how_to_finish(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     report = {"tracking_uri": uri, "model_name": "digits", "version": 3}
     with pytest.raises(promote.PromoteError) as err:
-        promote._tag(report, {"keel.experiment": "lr-2"}, RegisterConfig(retries=1, retry_backoff_s=0.05))
+        promote._tag(report, {"keel.experiment": "lr-2"},
+                     Params(register=RegisterConfig(retries=1, retry_backoff_s=0.05)))
     msg = str(err.value)
     assert msg.startswith("digits v3 is evaluated (one test read) and registered, but its promotion tags are not "
                           "set: MLflow tracking server http://127.0.0.1:")
