@@ -337,12 +337,30 @@ def _fine(a: np.ndarray, b: np.ndarray, coarse: _Alignment, params: Params
     best = np.full(p, -2.0, np.float32)
     bview = np.zeros(p, np.int64)
     bshift = np.zeros((p, 2), np.int64)
+    m = a.shape[1] - 2 * r
+    # each side's zoom steps are prepared once and shared by the views that use them (a unzoomed: views 0-2,
+    # b unzoomed: 0, 3, 4): a's windows around the coarse shift and their variances, b's unit central window
+    zoomed_a, zoomed_b = np.flatnonzero(side != 1), np.flatnonzero(side != 2)
+    prep_a, prep_b = {}, {}
+    for z in (1.0, *_SCALES):
+        ka = np.arange(p) if z == 1.0 else zoomed_a
+        if ka.size:
+            A = a[ka] if z == 1.0 else _zoom(a[ka], z)
+            wa = _gather_windows(A, oy[ka], ox[ka], m + 2)
+            prep_a[z] = (ka, wa, _window_var(wa, m))
+        kb = np.arange(p) if z == 1.0 else zoomed_b
+        if kb.size:
+            B = fb[kb] if z == 1.0 else _zoom(fb[kb], z)
+            prep_b[z] = (kb, *_unit_centre(B[:, r - 1:r + m + 1, r - 1:r + m + 1], 1))
     for v, (za, zb) in enumerate(_ZOOMS):
-        sel = np.flatnonzero((side == 0) | ((side == 1) & (zb > 1)) | ((side == 2) & (za > 1))) if v else \
-            np.arange(p)
-        if not sel.size:
+        if za not in prep_a or zb not in prep_b:
             continue
-        sc = _view_scores(a[sel], fb[sel], v, oy[sel], ox[sel], r)
+        ka, wa, var = prep_a[za]
+        kb, unit, norm = prep_b[zb]
+        sel = ka if za > 1 else kb  # the pairs of this view: every pair when neither side zooms
+        # rows of this view in each side's prepared arrays (a zoomed: kb is all pairs; b zoomed: ka is)
+        ra, rb = (slice(None), sel) if za > 1 else (sel, slice(None))
+        sc = _ncc(wa[ra], var[ra], unit[rb], norm[rb], 1).reshape(len(sel), 9)
         arg = sc.argmax(axis=1)
         top = sc[np.arange(len(sel)), arg]
         up = top > best[sel]
