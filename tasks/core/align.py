@@ -79,6 +79,19 @@ def blur(x: np.ndarray, sigma: float) -> np.ndarray:
     return _separable(x.astype(np.float32, copy=False), _gauss_matrix(x.shape[1], float(sigma)))
 
 
+@lru_cache(maxsize=8)
+def _cell_blur_matrix(n: int, sigma: float, cells: int) -> np.ndarray:
+    """[cells, n] matrix C with C @ x @ C.T = the Gaussian blur of x averaged over cells x cells equal blocks."""
+    pool = np.kron(np.eye(cells), np.full((1, n // cells), cells / n))
+    return (pool @ _gauss_matrix(n, sigma).astype(np.float64)).astype(np.float32)
+
+
+def cell_blur(x: np.ndarray, sigma: float, cells: int) -> np.ndarray:
+    """``blur`` of x [P, n, n], then the mean of each of cells x cells blocks: [P, cells, cells], in one pair of
+    matrix products (the blur and the averaging are both linear; the full-size blurred image is never made)."""
+    return _separable(x.astype(np.float32, copy=False), _cell_blur_matrix(x.shape[1], float(sigma), cells))
+
+
 def _zoom(x: np.ndarray, s: float) -> np.ndarray:
     """Zoom [P, n, n] by s about the centre (an s > 1 zoom is a centred crop resized back)."""
     return _separable(x, _zoom_matrix(x.shape[1], float(s)))

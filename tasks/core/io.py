@@ -78,6 +78,10 @@ RAW_SCHEMA = pa.schema([
     ("thumb", pa.binary()),
 ])
 RAW_META_COLUMNS = [f.name for f in RAW_SCHEMA if f.name not in ("image", "thumb")]
+# The original bytes are stored uncompressed: encoded images do not compress (snappy saved 0.2 % on the
+# 384 px JPEG set), and decompressing them cost shard's read 4x its time. The other columns: snappy.
+RAW_COMPRESSION = {f.name: "none" if f.name == "image" else "snappy" for f in RAW_SCHEMA}
+RAW_ROW_GROUP = 1024  # rows per row group of a raw part
 
 REJECT_SCHEMA = pa.schema([
     ("source_uri", pa.string()),

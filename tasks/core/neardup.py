@@ -84,8 +84,7 @@ def descriptors(thumbs: np.ndarray, batch: int = 8192) -> np.ndarray:
     n = len(thumbs)
     out = np.zeros((n, 64), np.float32)
     for s in range(0, n, batch):
-        b = align.blur(thumbs[s:s + batch].astype(np.float32), 1.0)
-        d = b.reshape(len(b), 8, 4, 8, 4).mean(axis=(2, 4)).reshape(len(b), 64)
+        d = align.cell_blur(thumbs[s:s + batch], 1.0, 8).reshape(-1, 64)
         d -= d.mean(axis=1, keepdims=True)
         norm = np.linalg.norm(d, axis=1, keepdims=True)
         # a flat thumbnail leaves only float rounding after the mean is removed (norm ~1e-4): call that zero

@@ -253,13 +253,20 @@ def _write_rejects(path: str, rejects: list[dict]) -> None:
 
 
 class _PartWriter:
-    """Writes raw rows to part-NNNNN.parquet files of at most ``part_rows`` rows (bounded memory)."""
+    """Writes raw rows to part-NNNNN.parquet files of at most ``part_rows`` rows, a row group at a time.
+
+    Memory stays at one row group of rows (the originals of 384 px photos are ~15 KB each; a whole part held
+    and converted at once was 300 MB of fresh memory, and fresh memory is what a VM pays most for)."""
 
     # large originals (e.g. 5 MB photos) must not pile up: a part is also closed at this many image bytes
     MAX_PART_BYTES = 256 << 20
 
     def __init__(self, out_dir: Path, part_rows: int):
-        self.dir, self.part_rows, self.rows, self.n, self.bytes = Path(out_dir), part_rows, [], 0, 0
+        self.dir, self.part_rows = Path(out_dir), part_rows
+        self.rows: list[dict] = []            # added, not yet written (at most one row group)
+        self.n = 0                            # the part being written
+        self.writer: pq.ParquetWriter | None = None
+        self.part_count = self.part_bytes = 0  # rows and image bytes of part n so far (written + buffered)
         self.where: dict[str, int] = {}      # id -> part number
         self.replaced: dict[str, dict] = {}  # id -> replacement row, applied to written parts at close
         self.dropped: set[str] = set()       # ids to remove from written parts at close
@@ -277,37 +284,52 @@ class _PartWriter:
         self.replaced.pop(item_id, None)
         for i, r in enumerate(self.rows):
             if r["id"] == item_id:
-                self.bytes -= len(r["image"])
                 del self.rows[i]
                 return
         self.dropped.add(item_id)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        self.bytes += len(row["image"])
-        if len(self.rows) >= self.part_rows or self.bytes >= self.MAX_PART_BYTES:
-            self.flush()
+        self.where[row["id"]] = self.n
+        self.part_count += 1
+        self.part_bytes += len(row["image"])
+        if len(self.rows) >= io.RAW_ROW_GROUP:
+            self._write_rows()
+        if self.part_count >= self.part_rows or self.part_bytes >= self.MAX_PART_BYTES:
+            self._end_part()
 
-    def flush(self) -> None:
+    def _write_rows(self) -> None:
         if not self.rows:
             return
-        pq.write_table(_raw_table(self.rows), self.dir / f"part-{self.n:05d}.parquet", row_group_size=1024)
-        self.where.update((r["id"], self.n) for r in self.rows)
-        self.n += 1
-        self.rows, self.bytes = [], 0
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self._path(self.n), io.RAW_SCHEMA, compression=io.RAW_COMPRESSION)
+        self.writer.write_table(_raw_table(self.rows), row_group_size=io.RAW_ROW_GROUP)
+        self.rows = []
+
+    def _end_part(self) -> None:
+        self._write_rows()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self.n += 1
+        self.part_count = self.part_bytes = 0
+
+    def _path(self, n: int) -> Path:
+        return self.dir / f"part-{n:05d}.parquet"
 
     def close(self) -> None:
-        self.flush()
+        self._end_part()
         by_part: dict[int, dict[str, dict | None]] = {}  # part -> id -> replacement row (None: drop it)
         for item_id, row in self.replaced.items():
             by_part.setdefault(self.where[item_id], {})[item_id] = row
         for item_id in self.dropped:
             by_part.setdefault(self.where[item_id], {})[item_id] = None
         for n, rows in sorted(by_part.items()):  # rare (cross-split copies, conflicts): rewrite just those parts
-            path = self.dir / f"part-{n:05d}.parquet"
+            path = self._path(n)
             table = [rows.get(r["id"], r) for r in pq.read_table(path).to_pylist()]
             table = [r for r in table if r is not None]
             if table:
-                pq.write_table(_raw_table(table), path, row_group_size=1024)
+                pq.write_table(_raw_table(table), path, row_group_size=io.RAW_ROW_GROUP,
+                               compression=io.RAW_COMPRESSION)
             else:
                 path.unlink()
