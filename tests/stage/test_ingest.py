@@ -289,9 +289,11 @@ def _names(train_first: bool, same_name: bool) -> tuple[str, str]:
     raise AssertionError("no names found")
 
 
+@pytest.mark.parametrize("layout", [(2, None), (100, 1)], ids=["parts of two rows", "one part of one-row groups"])
 @pytest.mark.parametrize("same_name", [True, False], ids=["same name", "other name"])
 @pytest.mark.parametrize("train_first", [True, False], ids=["train copy met first", "train copy met last"])
-def test_cross_split_byte_identical_copy_keeps_the_test_copy(tmp_path, paths, train_first, same_name):
+def test_cross_split_byte_identical_copy_keeps_the_test_copy(tmp_path, paths, train_first, same_name, layout,
+                                                            monkeypatch):
     from tasks import split
     from tasks.core.config import SplitConfig
     from tasks.core.io import read_raw_thumbs
@@ -311,8 +313,19 @@ def test_cross_split_byte_identical_copy_keeps_the_test_copy(tmp_path, paths, tr
     order = sorted([train_uri, test_uri], key=_uri_key)
     assert order[0] == (train_uri if train_first else test_uri)
 
-    # two rows per part: a copy met late replaces a row already written to an earlier part
-    r = ingest.run(IngestConfig(source=str(root), workers=1, part_rows=2), paths)
+    # two rows per part: a copy met late replaces a row already written to an earlier part; or one part whose
+    # row groups are written as they fill: the row replaced is in a written row group of the part still open
+    part_rows, row_group = layout
+    if row_group is not None:
+        monkeypatch.setattr(ingest.io, "RAW_ROW_GROUP", row_group)
+    r = ingest.run(IngestConfig(source=str(root), workers=1, part_rows=part_rows), paths)
+    assert len(list(Path(paths.raw_items).glob("part-*.parquet"))) == (5 if part_rows == 2 else 1)
+    part = pq.ParquetFile(min(Path(paths.raw_items).glob("part-*.parquet")))
+    if row_group is not None:
+        assert part.num_row_groups == 10
+    columns = part.metadata.row_group(0)
+    compression = {columns.column(k).path_in_schema: columns.column(k).compression for k in range(columns.num_columns)}
+    assert compression["image"] == "UNCOMPRESSED" and compression["thumb"] == "SNAPPY"  # encoded bytes do not shrink
     assert r.found == 11 and r.ingested == 10 and r.reject_counts == {"duplicate_bytes": 1}
     items, rejects = _tables(paths)
     assert train_uri not in items and set(rejects) == {train_uri}

@@ -291,3 +291,29 @@ def test_read_raw_thumbs_names_the_part_with_a_wrong_sized_thumb(tmp_path):
     d = _part(tmp_path, [bytes(1024), bytes(1000)])
     with pytest.raises(DataError, match=r"raw/part-00000\.parquet: a 'thumb' value is not 32x32 bytes"):
         io.read_raw_thumbs(d)
+
+
+def test_spectral_correlation_is_the_window_correlation():
+    """The coarse pass's NCC through spectra (a DFT as two matrix products) is the direct window NCC, and the DFT
+    is numpy's: to float32 rounding, on random images, a flat window and a lone image."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, (9, 16, 16)).astype(np.float32)
+    assert np.allclose(align._rfft2(x), np.fft.rfft2(x.astype(np.float64)).transpose(0, 2, 1), atol=2e-3)
+    assert np.array_equal(align._rfft2(x[3:4])[0], align._rfft2(x)[3])  # a lone image: the same numbers
+    b = rng.uniform(0, 255, (9, 16, 16)).astype(np.float32)
+    b[4] = 77.0                                                          # flat: no shape, NCC 0
+    r, m = 2, 12
+    unit, norm = align._unit_centre(b, r)
+    var = align._window_var(x, m)
+    direct = align._ncc(x, var, unit, norm, r)
+    spectral = align._ncc_spectral(align._spectrum_a(x), var, align._spectrum_b(unit, 16), norm, 16, r)
+    assert spectral.shape == direct.shape == (9, 5, 5)
+    assert np.abs(spectral - direct).max() < 1e-5 and (spectral[4] == 0).all()
+    assert np.array_equal(align._ncc_spectral(align._spectrum_a(x[2:3]), var[2:3], align._spectrum_b(unit[2:3], 16),
+                                              norm[2:3], 16, r)[0], spectral[2])
+
+
+def test_cell_blur_is_the_blur_averaged_over_cells():
+    x = np.random.default_rng(4).integers(0, 256, (5, 32, 32)).astype(np.uint8)
+    want = align.blur(x.astype(np.float32), 1.0).reshape(5, 8, 4, 8, 4).mean(axis=(2, 4))
+    assert np.abs(align.cell_blur(x, 1.0, 8) - want).max() < 1e-3
