@@ -7,6 +7,7 @@ swapped into place, so a killed run never leaves a directory that looks finished
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,11 +40,27 @@ def _init(cfg: dict) -> None:
     _W.update(cfg)
 
 
-def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.ndarray]:
+def _blobs(part: str, row_group: int, rows: list[int]) -> list[bytes]:
+    """The original bytes of rows ``rows`` of one row group of a raw part, read here in the worker (the stage's
+    process reads only the ids: the images are not read twice nor sent to the workers). The row group last read
+    is kept: consecutive batches of one row group read it once."""
+    if _W.get("group_key") != (part, row_group):
+        _W["group"] = pq.ParquetFile(part).read_row_group(row_group, columns=["image"]).column("image")
+        _W["group_key"] = (part, row_group)
+    return _W["group"].take(pa.array(rows, pa.int64())).to_pylist()
+
+
+def _decode_batch(batch: tuple[str, int, list[int], list[str]]) -> tuple[list[str], np.ndarray]:
+    """One task of the map: (part, row group, rows, their ids) -> (ids, decoded images)."""
+    part, row_group, rows, ids = batch
+    return ids, _decode(_blobs(part, row_group, rows))
+
+
+def _decode(blobs: list[bytes]) -> np.ndarray:
+    """uint8 [N, resolution, resolution, channels]: each original decoded as the worker's config says."""
     import io as _io
 
-    ids, blobs = batch
-    out = np.empty((len(ids), _W["resolution"], _W["resolution"], _W["channels"]), np.uint8)
+    out = np.empty((len(blobs), _W["resolution"], _W["resolution"], _W["channels"]), np.uint8)
     with warnings.catch_warnings():  # ingest already applied the bomb guard to these exact bytes (imaging.open_image)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # locally: the host's Pillow limit stays
         for k, data in enumerate(blobs):
@@ -64,7 +81,7 @@ def _decode_batch(batch: tuple[list[str], list[bytes]]) -> tuple[list[str], np.n
                 out[k] = preprocess(img, _W["resolution"], _W["channels"], _W["resize"], _W["background"])
             else:  # preprocess() after its normalise step, which leaves such pixels as they are
                 out[k] = to_channels(resize_square(px, _W["resolution"], _W["resize"]), _W["channels"])
-    return ids, out
+    return out
 
 
 def _channel_counts(images: np.ndarray) -> np.ndarray:
@@ -162,12 +179,16 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
     total = len(split_of)
 
     def batches():
-        for rb in io.iter_raw_batches(paths.raw_items, columns=["id", "image"], batch_rows=256):
-            ids = rb.column("id").to_pylist()
-            keep = [k for k, i in enumerate(ids) if i in split_of]
-            if keep:
-                blobs = rb.column("image").take(pa.array(keep)).to_pylist()
-                yield [ids[k] for k in keep], blobs
+        # (part, row group, rows, ids) of at most 256 manifest rows each; the workers read the bytes themselves,
+        # from an absolute path (a Dask worker's working directory is not the stage's)
+        for part in io.raw_parts(paths.raw_items):
+            pf = pq.ParquetFile(part)
+            for g in range(pf.num_row_groups):
+                ids = pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
+                keep = [k for k, i in enumerate(ids) if i in split_of]
+                for s in range(0, len(keep), 256):
+                    rows = keep[s:s + 256]
+                    yield os.path.abspath(part), g, rows, [ids[k] for k in rows]
 
     counts = np.zeros((cfg.channels, 256), np.int64)
     worker_cfg = {"resolution": cfg.resolution, "channels": cfg.channels, "resize": cfg.resize,

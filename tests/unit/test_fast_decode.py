@@ -286,7 +286,6 @@ def test_shard_pixels_are_the_same_with_and_without_the_header_path(decode_mode,
                                                 ImageRejected)]  # shard only sees what ingest took
     shard._init({"resolution": 16, "channels": 3, "resize": "center_crop", "background": [255, 255, 255],
                  "decode": decode_mode})
-    ids = [str(i) for i in range(len(blobs))]
-    _, fast = shard._decode_batch((ids, blobs))
-    _, slow = _through_pillow(monkeypatch, lambda: shard._decode_batch((ids, blobs)))
+    fast = shard._decode(blobs)
+    slow = _through_pillow(monkeypatch, lambda: shard._decode(blobs))
     np.testing.assert_array_equal(fast, slow)
