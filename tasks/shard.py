@@ -1,7 +1,8 @@
 """shard: decode, normalise and resize each split into streaming-friendly parquet shards plus an index.
 
-Reads the raw items once (streaming), keeps the manifest's train/val/test rows (``excluded`` rows are not
-sharded), and writes ``<split>/shard-NNNNN.parquet`` with uint8 HWC images at the training resolution.  The
+Reads the raw items once (streaming): this process reads their ids and hands each worker a row group's rows to
+decode; the worker reads those rows' original bytes itself (the images travel neither through this process nor
+through a pipe).  Keeps the manifest's train/val/test rows (``excluded`` rows are not sharded), and writes ``<split>/shard-NNNNN.parquet`` with uint8 HWC images at the training resolution.  The
 normalisation mean/std are fitted on train only.  The whole shard directory is built under a temporary name and
 swapped into place, so a killed run never leaves a directory that looks finished.
 """
