@@ -2,9 +2,10 @@
 
 Reads the raw items once (streaming): this process reads their ids and hands each worker a row group's rows to
 decode; the worker reads those rows' original bytes itself (the images travel neither through this process nor
-through a pipe).  Keeps the manifest's train/val/test rows (``excluded`` rows are not sharded), and writes ``<split>/shard-NNNNN.parquet`` with uint8 HWC images at the training resolution.  The
-normalisation mean/std are fitted on train only.  The whole shard directory is built under a temporary name and
-swapped into place, so a killed run never leaves a directory that looks finished.
+through a pipe).  Keeps the manifest's train/val/test rows (``excluded`` rows are not sharded), and writes
+``<split>/shard-NNNNN.parquet`` with uint8 HWC images at the training resolution.  The normalisation mean/std
+are fitted on train only.  The whole shard directory is built under a temporary name and swapped into place, so
+a killed run never leaves a directory that looks finished.
 """
 from __future__ import annotations
 
@@ -44,11 +45,13 @@ def _init(cfg: dict) -> None:
 def _blobs(part: str, row_group: int, rows: list[int]) -> list[bytes]:
     """The original bytes of rows ``rows`` of one row group of a raw part, read here in the worker (the stage's
     process reads only the ids: the images are not read twice nor sent to the workers). The row group last read
-    is kept: consecutive batches of one row group read it once."""
-    if _W.get("group_key") != (part, row_group):
-        _W["group"] = pq.ParquetFile(part).read_row_group(row_group, columns=["image"]).column("image")
-        _W["group_key"] = (part, row_group)
-    return _W["group"].take(pa.array(rows, pa.int64())).to_pylist()
+    is kept: consecutive batches of one row group read it once. Kept as one (key, column) tuple, read into a
+    local: a Dask worker may run several tasks at once on threads, and none may take another's column."""
+    cached = _W.get("group")
+    if cached is None or cached[0] != (part, row_group):
+        cached = (part, row_group), pq.ParquetFile(part).read_row_group(row_group, columns=["image"]).column("image")
+        _W["group"] = cached
+    return cached[1].take(pa.array(rows, pa.int64())).to_pylist()
 
 
 def _decode_batch(batch: tuple[str, int, list[int], list[str]]) -> tuple[list[str], np.ndarray]:

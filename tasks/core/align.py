@@ -174,7 +174,8 @@ def _dft_matrices(n: int) -> tuple[np.ndarray, np.ndarray]:
     c, s = np.cos(ang), np.sin(ang)
     second = np.empty((2 * n, n, 2))
     second[:, :, 0], second[:, :, 1] = np.concatenate([c, s]), np.concatenate([-s, c])
-    return np.concatenate([c[:, :h], -s[:, :h]], axis=1).astype(np.float32), second.reshape(2 * n, 2 * n).astype(np.float32)
+    first = np.concatenate([c[:, :h], -s[:, :h]], axis=1)
+    return first.astype(np.float32), second.reshape(2 * n, 2 * n).astype(np.float32)
 
 
 def _rfft2(x: np.ndarray) -> np.ndarray:
@@ -209,9 +210,10 @@ def _spectrum_b(unit: np.ndarray, n: int) -> np.ndarray:
 
 def _ncc_spectral(fa: np.ndarray, var: np.ndarray, fb: np.ndarray, bn: np.ndarray, n: int, r: int) -> np.ndarray:
     """``_ncc`` from spectra: fa ``_spectrum_a`` of A [P, n, n], fb ``_spectrum_b`` of b's unit window, var and bn
-    as there (circular correlation equals the windows' for these shifts: m + 2r = n, b padded with zeros). The correlation at all (2r+1)^2 shifts is one product of the spectra and one matrix product
-    (``_correlation_matrix``): no window of A is gathered, and it sums without A's mean (more exact than the
-    window sums in float32)."""
+    as there. The correlation at all (2r+1)^2 shifts is one product of the spectra and one matrix product
+    (``_correlation_matrix``); the circular correlation is the windows' one at these shifts (m + 2r = n, b padded
+    with zeros). No window of A is gathered, and the sums leave out A's mean (more exact than the window sums
+    in float32)."""
     num = _rows_matmul((fa * fb).view(np.float32), _correlation_matrix(n, r)).reshape(len(fa), 2 * r + 1, 2 * r + 1)
     den = np.sqrt(var)
     out = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
