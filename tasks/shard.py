@@ -35,6 +35,8 @@ from tasks.core.imaging import (
 from tasks.core.parallel import ExecutorSpec, bounded_map
 
 _W: dict = {}
+_TASK_BYTES = 32 << 20  # decoded bytes a task aims at (its result crosses a pipe or the network)
+_MIN_TASK_ROWS = 256
 
 
 def _init(cfg: dict) -> None:
@@ -49,9 +51,16 @@ def _blobs(part: str, row_group: int, rows: list[int]) -> list[bytes]:
     local: a Dask worker may run several tasks at once on threads, and none may take another's column."""
     cached = _W.get("group")
     if cached is None or cached[0] != (part, row_group):
-        cached = (part, row_group), pq.ParquetFile(part).read_row_group(row_group, columns=["image"]).column("image")
+        opened = _W.get("part")
+        if opened is None or opened[0] != part:  # its footer parsed once per part, not once per row group
+            opened = part, pq.ParquetFile(part)
+            _W["part"] = opened
+        cached = (part, row_group), opened[1].read_row_group(row_group, columns=["image"]).column("image")
         _W["group"] = cached
-    return cached[1].take(pa.array(rows, pa.int64())).to_pylist()
+    column = cached[1]
+    if len(rows) == len(column) and rows[-1] == len(column) - 1:  # the whole row group, in order
+        return column.to_pylist()
+    return column.take(pa.array(rows, pa.int64())).to_pylist()
 
 
 def _decode_batch(batch: tuple[str, int, list[int], list[str]]) -> tuple[list[str], np.ndarray]:
@@ -143,7 +152,9 @@ class _SplitWriter:
 
     def _write(self, n: int) -> None:
         table = pa.Table.from_batches(self.buf, schema=self.schema)
-        head, rest = table.slice(0, n), table.slice(n)
+        # one chunk per row group: the file's pages then depend on its rows only, not on how the tasks that
+        # decoded them were cut (worker count, executor, task size), so the checksums do not either
+        head, rest = table.slice(0, n).combine_chunks(), table.slice(n)
         if self.writer is None:
             name = f"{self.split}/shard-{len(self.files):05d}.parquet"
             self.writer = pq.ParquetWriter(self.dir.parent / name, self.schema, compression="zstd")
@@ -182,16 +193,20 @@ def run(cfg: ShardConfig, paths: Paths) -> ShardResult:
     label_of = dict(zip(manifest.column("id").to_pylist(), manifest.column("label").to_pylist()))
     total = len(split_of)
 
+    # rows per task: a whole row group when its decoded images are small (one read of it, by one worker), else
+    # fewer, so that a task's result stays near 32 MB (at 224 px, 256 rows: 38 MB)
+    per_task = max(_MIN_TASK_ROWS, _TASK_BYTES // (cfg.resolution * cfg.resolution * cfg.channels))
+
     def batches():
-        # (part, row group, rows, ids) of at most 256 manifest rows each; the workers read the bytes themselves,
-        # from an absolute path (a Dask worker's working directory is not the stage's)
+        # (part, row group, rows, ids) of at most per_task manifest rows each; the workers read the bytes
+        # themselves, from an absolute path (a Dask worker's working directory is not the stage's)
         for part in io.raw_parts(paths.raw_items):
             pf = pq.ParquetFile(part)
             for g in range(pf.num_row_groups):
                 ids = pf.read_row_group(g, columns=["id"]).column("id").to_pylist()
                 keep = [k for k, i in enumerate(ids) if i in split_of]
-                for s in range(0, len(keep), 256):
-                    rows = keep[s:s + 256]
+                for s in range(0, len(keep), per_task):
+                    rows = keep[s:s + per_task]
                     yield os.path.abspath(part), g, rows, [ids[k] for k in rows]
 
     counts = np.zeros((cfg.channels, 256), np.int64)

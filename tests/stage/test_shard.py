@@ -119,6 +119,19 @@ def test_shard_is_atomic_and_refuses_stale_manifest(digits_pipeline, tmp_path):
     assert (out / "index.json").read_text() == before
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".shards.")]
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tasks_of_part_of_a_row_group_give_the_same_shards(digits_pipeline, tmp_path, monkeypatch, workers):
+    """Tasks of a few rows each (several per raw row group, each worker reading the row groups itself, its cached
+    column reused or replaced) write the same shard files as tasks of whole row groups."""
+    p, *_ = digits_pipeline
+    monkeypatch.setattr(shard, "_TASK_BYTES", 1)
+    monkeypatch.setattr(shard, "_MIN_TASK_ROWS", 7)
+    q = p.model_copy(update={"shards_dir": str(tmp_path / "small")})
+    shard.run(ShardConfig(workers=workers), q)
+    assert json.loads((tmp_path / "small" / "index.json").read_text())["splits"] == \
+        json.loads((Path(p.shards_dir) / "index.json").read_text())["splits"]  # every file's sha256, rows, bytes
+
+
 def test_one_channel_shards(digits_pipeline, tmp_path):
 
     p, *_ = digits_pipeline
