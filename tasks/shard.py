@@ -57,10 +57,7 @@ def _blobs(part: str, row_group: int, rows: list[int]) -> list[bytes]:
             _W["part"] = opened
         cached = (part, row_group), opened[1].read_row_group(row_group, columns=["image"]).column("image")
         _W["group"] = cached
-    column = cached[1]
-    if len(rows) == len(column) and rows[-1] == len(column) - 1:  # the whole row group, in order
-        return column.to_pylist()
-    return column.take(pa.array(rows, pa.int64())).to_pylist()
+    return cached[1].take(pa.array(rows, pa.int64())).to_pylist()
 
 
 def _decode_batch(batch: tuple[str, int, list[int], list[str]]) -> tuple[list[str], np.ndarray]:

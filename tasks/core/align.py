@@ -131,8 +131,14 @@ def _ncc(A: np.ndarray, var: np.ndarray, b: np.ndarray, bn: np.ndarray, r: int) 
         for dx in range(2 * r + 1):
             # b is zero-mean, so the window's mean drops out of the numerator
             out[:, dy, dx] = np.einsum("pij,pij->p", A[:, dy:dy + m, dx:dx + m], b)
+    return _normalised(out, var, bn)
+
+
+def _normalised(num: np.ndarray, var: np.ndarray, bn: np.ndarray) -> np.ndarray:
+    """Window correlations ``num`` [P, S, S] of unit windows -> NCC: divided by each A window's length
+    (``sqrt(var)``); 0 where that window or b (length ``bn``) is flat."""
     den = np.sqrt(var)
-    out = np.where(den > 1e-6, out / np.maximum(den, 1e-6), 0.0)
+    out = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0).astype(np.float32, copy=False)
     out[bn <= 1e-6] = 0.0
     return out
 
@@ -215,10 +221,7 @@ def _ncc_spectral(fa: np.ndarray, var: np.ndarray, fb: np.ndarray, bn: np.ndarra
     with zeros). No window of A is gathered, and the sums leave out A's mean (more exact than the window sums
     in float32)."""
     num = _rows_matmul((fa * fb).view(np.float32), _correlation_matrix(n, r)).reshape(len(fa), 2 * r + 1, 2 * r + 1)
-    den = np.sqrt(var)
-    out = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0).astype(np.float32)
-    out[bn <= 1e-6] = 0.0
-    return out
+    return _normalised(num, var, bn)
 
 
 def _ncc_shifts(A: np.ndarray, B: np.ndarray, r: int) -> np.ndarray:
